@@ -1,0 +1,27 @@
+# Two commands: `make demo` (train + evaluate a small HTC on synthetic COCO, CPU)
+# and `make test`. Both create .venv on first use.
+PY := .venv/bin/python
+DATA := data/synthetic_coco
+
+.PHONY: demo test venv lint
+
+$(PY): pyproject.toml constraints.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(PY)
+
+venv: $(PY)
+
+$(DATA)/annotations/instances_val2017.json: | $(PY)
+	$(PY) -m htc_lightning.data.synthetic --out $(DATA) --num-train 400 --num-val 50 --seed 0 --image-size 160 160
+
+demo: $(PY) $(DATA)/annotations/instances_val2017.json
+	$(PY) cli.py fit --config configs/demo/htc_tiny_synthetic.yaml
+	$(PY) cli.py test --config configs/demo/htc_tiny_synthetic.yaml --ckpt_path outputs/demo/checkpoints/last.ckpt
+
+test: $(PY)
+	$(PY) -m pytest -x -q
+
+lint: $(PY)
+	.venv/bin/ruff check .

@@ -1,0 +1,175 @@
+"""NMS: per-class batched NMS (torchvision), mmdet's ``multiclass_nms``, and Soft-NMS."""
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou, nms
+
+_SOFT_METHODS = ("linear", "gaussian", "naive")
+
+
+def _class_offsets(boxes: Tensor, idxs: Tensor) -> Tensor:
+    # mmcv's coordinate trick: shift each class by (max coordinate + 1) so classes never overlap. Matching it
+    # (rather than torchvision's per-class loop above 1000 boxes) keeps float rounding, hence borderline IoUs,
+    # identical to mmdet's.
+    if boxes.numel() == 0:
+        return boxes
+    max_coordinate = boxes.max()
+    return boxes + (idxs.to(boxes) * (max_coordinate + 1))[:, None]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, class_agnostic: bool = False,
+                split_thr: int = 10000) -> Tensor:
+    """Indices kept, sorted by decreasing score (torchvision ``batched_nms``).
+
+    mmcv's ``batched_nms`` semantics: below ``split_thr`` boxes one torchvision ``nms`` on class-offset boxes,
+    otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``."""
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    if class_agnostic:
+        return nms(boxes.float(), scores.float(), float(iou_threshold))
+    if boxes.shape[0] < split_thr:
+        return nms(_class_offsets(boxes, idxs).float(), scores.float(), float(iou_threshold))
+    kept = []
+    for cls in torch.unique(idxs):
+        members = (idxs == cls).nonzero().squeeze(1)
+        kept.append(members[nms(boxes[members].float(), scores[members].float(), float(iou_threshold))])
+    keep = torch.cat(kept)
+    order = scores[keep].sort(descending=True, stable=True).indices
+    return keep[order]
+
+
+def _soft_nms_padded(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, sigma: float,
+                     min_score: float, method: str) -> tuple[Tensor, Tensor]:
+    """Soft-NMS run on G independent groups at once: ``boxes`` (G, M, 4), ``scores`` (G, M), ``valid`` (G, M).
+    One iteration selects the best alive box of every group and decays the rest of that group, so the loop
+    runs (max kept per group) times. Returns per-entry decayed scores and kept flags, both (G, M)."""
+    num_groups, num = scores.shape
+    scores = scores.float().clone()
+    boxes = boxes.float()
+    alive = valid.clone()
+    kept = torch.zeros_like(valid)
+    rows = torch.arange(num_groups, device=scores.device)
+    neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    for _ in range(num):
+        masked = torch.where(alive, scores, neg_inf)
+        best = masked.argmax(dim=1)
+        active = alive[rows, best]
+        if not bool(active.any()):
+            break
+        # Only groups that still have a candidate select one this round.
+        kept[rows[active], best[active]] = True
+        alive[rows[active], best[active]] = False
+        sel_boxes = boxes[rows, best]                                     # (G, 4)
+        iou = _iou_one_to_many(sel_boxes, boxes)                          # (G, M)
+        if method == "linear":
+            decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        elif method == "gaussian":
+            decay = torch.exp(-(iou * iou) / sigma)
+        else:
+            decay = torch.where(iou > iou_threshold, torch.zeros_like(iou), torch.ones_like(iou))
+        update = alive & active[:, None]
+        scores = torch.where(update, scores * decay, scores)
+        # mmcv drops a box as soon as a decay takes it under min_score; later boxes cannot revive it.
+        alive = alive & ~(update & (scores < min_score))
+    return scores, kept
+
+
+def _iou_one_to_many(sel: Tensor, boxes: Tensor) -> Tensor:
+    """IoU of ``sel`` (G, 4) with each row of ``boxes`` (G, M, 4), as ``box_iou`` computes it."""
+    area_sel = (sel[:, 2] - sel[:, 0]) * (sel[:, 3] - sel[:, 1])
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    lt = torch.max(sel[:, None, :2], boxes[..., :2])
+    rb = torch.min(sel[:, None, 2:], boxes[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_sel[:, None] + area - inter)
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+             min_score: float = 1e-3, method: str = "linear") -> tuple[Tensor, Tensor]:
+    """Bodla et al. 2017 with mmcv's semantics (``method`` 'linear' | 'gaussian' | 'naive').
+    Returns (kept indices, their decayed scores), by decreasing decayed score."""
+    if method not in _SOFT_METHODS:
+        raise ValueError(f"soft_nms: method {method!r} is not one of {_SOFT_METHODS}")
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device), scores.new_zeros(0)
+    valid = torch.ones(1, boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    decayed, kept = _soft_nms_padded(boxes[None], scores[None], valid, iou_threshold, sigma, min_score, method)
+    inds = kept[0].nonzero().squeeze(1)
+    kept_scores = decayed[0, inds]
+    order = kept_scores.sort(descending=True, stable=True).indices
+    return inds[order], kept_scores[order].to(scores.dtype)
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+                     min_score: float = 1e-3, method: str = "linear", split_thr: int = 10000
+                     ) -> tuple[Tensor, Tensor]:
+    """Soft-NMS per class, all classes in one padded loop. Returns (kept indices, decayed scores) by decreasing
+    decayed score, as mmcv's ``batched_nms`` with ``type='soft_nms'``."""
+    if method not in _SOFT_METHODS:
+        raise ValueError(f"batched_soft_nms: method {method!r} is not one of {_SOFT_METHODS}")
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device), scores.new_zeros(0)
+    classes, group = torch.unique(idxs, return_inverse=True)
+    counts = torch.bincount(group, minlength=len(classes))
+    order = torch.argsort(group, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=boxes.device) - starts[group[order]]
+    num_groups, width = len(classes), int(counts.max())
+    padded_boxes = boxes.new_zeros(num_groups, width, 4, dtype=torch.float32)
+    padded_scores = scores.new_zeros(num_groups, width, dtype=torch.float32)
+    valid = torch.zeros(num_groups, width, dtype=torch.bool, device=boxes.device)
+    source = torch.full((num_groups, width), -1, dtype=torch.long, device=boxes.device)
+    g = group[order]
+    padded_boxes[g, slot] = boxes[order].float()
+    padded_scores[g, slot] = scores[order].float()
+    valid[g, slot] = True
+    source[g, slot] = order
+    if n < split_thr:
+        # Below split_thr mmcv runs one soft-NMS over class-offset boxes: after its very first pick every other
+        # box is checked against min_score, so only the overall best box escapes that check.
+        first = int(scores.argmax())
+        low = (padded_scores < min_score) & valid
+        low[group[first], slot[torch.nonzero(order == first).item()]] = False
+        valid = valid & ~low
+    decayed, kept = _soft_nms_padded(padded_boxes, padded_scores, valid, iou_threshold, sigma, min_score, method)
+    inds = source[kept]
+    kept_scores = decayed[kept]
+    by_score = kept_scores.sort(descending=True, stable=True).indices
+    return inds[by_score], kept_scores[by_score].to(scores.dtype)
+
+
+def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_num: int = -1,
+                   nms_type: str = "nms", soft_sigma: float = 0.5, soft_min_score: float = 1e-3
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mmdet ``multiclass_nms``: ``boxes`` (N, 4) shared or (N, C, 4) per class, ``scores`` (N, C) without
+    the background column. Keeps (box, class) pairs with score > score_thr, NMS per class (``nms_type``
+    'nms' | 'soft_nms_linear' | 'soft_nms_gaussian'), then the top ``max_num``.
+    Returns (boxes (K, 4), scores (K,), labels (K,), index of the source row (K,))."""
+    num_rows, num_classes = scores.shape
+    if boxes.dim() == 2 and boxes.shape[1] == 4:
+        per_class = boxes[:, None].expand(num_rows, num_classes, 4)
+    elif boxes.dim() == 3 or (boxes.dim() == 2 and boxes.shape[1] == 4 * num_classes):
+        per_class = boxes.reshape(num_rows, num_classes, 4)
+    else:
+        raise ValueError(f"multiclass_nms: boxes {tuple(boxes.shape)} fit neither (N, 4) nor (N, {num_classes}, 4)")
+    flat_boxes = per_class.reshape(-1, 4)
+    flat_scores = scores.reshape(-1)
+    flat_labels = torch.arange(num_classes, device=scores.device).repeat(num_rows)
+    # strict '>' as mmdet
+    inds = (flat_scores > score_thr).nonzero().squeeze(1)
+    flat_boxes, flat_scores, flat_labels = flat_boxes[inds], flat_scores[inds], flat_labels[inds]
+    if inds.numel() == 0:
+        return flat_boxes, flat_scores, flat_labels, inds // max(num_classes, 1)
+    if nms_type == "nms":
+        keep = batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold)
+        kept_scores = flat_scores[keep]
+    elif nms_type.startswith("soft_nms_"):
+        keep, kept_scores = batched_soft_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, soft_sigma,
+                                             soft_min_score, nms_type[len("soft_nms_"):])
+    else:
+        raise ValueError(f"multiclass_nms: nms_type {nms_type!r} is not 'nms', 'soft_nms_linear', "
+                         "'soft_nms_gaussian' or 'soft_nms_naive'")
+    if max_num > 0:
+        keep, kept_scores = keep[:max_num], kept_scores[:max_num]
+    return flat_boxes[keep], kept_scores, flat_labels[keep], inds[keep] // num_classes

@@ -1,0 +1,47 @@
+import pickle
+
+import pytest
+import torch
+
+from htc_lightning.checkpoints.mmdet import convert_mmdet_state_dict, read_checkpoint
+
+
+def test_convmodule_conv_level_is_dropped_where_mmdet_wraps_convs():
+    sd = {k: torch.zeros(1) for k in [
+        "neck.lateral_convs.0.conv.weight", "neck.fpn_convs.3.conv.bias",
+        "roi_head.mask_head.2.convs.1.conv.weight", "roi_head.mask_head.1.conv_res.conv.weight",
+        "roi_head.semantic_head.conv_embedding.conv.weight", "roi_head.semantic_head.lateral_convs.4.conv.bias",
+        "roi_head.semantic_head.conv_logits.weight", "rpn_head.feature_adaption.conv_offset.weight",
+        "backbone.layer3.0.conv2.conv_offset.weight", "roi_head.bbox_head.0.shared_fcs.1.weight"]}
+    assert sorted(convert_mmdet_state_dict(sd)) == sorted([
+        "neck.lateral_convs.0.weight", "neck.fpn_convs.3.bias",
+        "roi_head.mask_head.2.convs.1.weight", "roi_head.mask_head.1.conv_res.weight",
+        "roi_head.semantic_head.conv_embedding.weight", "roi_head.semantic_head.lateral_convs.4.bias",
+        "roi_head.semantic_head.conv_logits.weight", "rpn_head.feature_adaption.conv_offset.weight",
+        "backbone.layer3.0.conv2.conv_offset.weight", "roi_head.bbox_head.0.shared_fcs.1.weight"])
+
+
+def test_v1_checkpoints_move_the_background_class_last_and_drop_its_mask_channel():
+    fc_cls = torch.arange(4.0)[:, None]  # background + 3 classes
+    logits = torch.arange(4.0)[:, None, None, None]
+    out = convert_mmdet_state_dict({"roi_head.bbox_head.0.fc_cls.weight": fc_cls,
+                                    "roi_head.mask_head.0.conv_logits.weight": logits}, "v1", num_classes=3)
+    assert out["roi_head.bbox_head.0.fc_cls.weight"].flatten().tolist() == [1, 2, 3, 0]
+    assert out["roi_head.mask_head.0.conv_logits.weight"].flatten().tolist() == [1, 2, 3]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_model_zoo_files_load_with_their_meta_but_arbitrary_pickles_are_refused(tmp_path):
+    good = tmp_path / "zoo.pth"
+    torch.save({"meta": {"epoch": 12, "CLASSES": ("person", "car"), "config": "model = dict()"},
+                "state_dict": {"neck.fpn_convs.0.conv.weight": torch.ones(2)}}, good)
+    assert list(read_checkpoint(good)) == ["neck.fpn_convs.0.conv.weight"]
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {}, "meta": _Evil()}, f)
+    with pytest.raises(ValueError, match="evil.pth"):
+        read_checkpoint(bad)
