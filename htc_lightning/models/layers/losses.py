@@ -92,7 +92,13 @@ def mask_cross_entropy(mask_logits: Tensor, mask_targets: Tensor, labels: Tensor
 
 def focal_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None, alpha: float = 0.25,
                gamma: float = 2.0, avg_factor: float | None = None) -> Tensor:
-    """Sigmoid focal loss (torchvision's ``sigmoid_focal_loss``, reduction none) then mmdet's reduction."""
+    """Sigmoid focal loss (torchvision's ``sigmoid_focal_loss``, reduction none) then mmdet's reduction.
+
+    ``targets`` of the logits' shape (0/1), or integer class labels (N,) for (N, C) logits where label C is
+    background, expanded as mmdet's ``FocalLoss`` does (so with C = 1, label 0 is the positive one)."""
+    if targets.dim() == logits.dim() - 1 and not targets.is_floating_point():
+        num_classes = logits.shape[-1]
+        targets = F.one_hot(targets, num_classes + 1)[..., :num_classes]
     if logits.shape != targets.shape:
         raise ValueError(f"focal_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     loss = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="none")

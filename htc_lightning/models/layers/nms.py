@@ -1,7 +1,7 @@
 """NMS: per-class batched NMS (torchvision), mmdet's ``multiclass_nms``, and Soft-NMS."""
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, nms
+from torchvision.ops import nms
 
 _SOFT_METHODS = ("linear", "gaussian", "naive")
 
@@ -10,6 +10,8 @@ def _class_offsets(boxes: Tensor, idxs: Tensor) -> Tensor:
     # mmcv's coordinate trick: shift each class by (max coordinate + 1) so classes never overlap. Matching it
     # (rather than torchvision's per-class loop above 1000 boxes) keeps float rounding, hence borderline IoUs,
     # identical to mmdet's.
+    # in float32: class offsets reach ~80 * 1334, past fp16's range
+    boxes = boxes.float()
     if boxes.numel() == 0:
         return boxes
     max_coordinate = boxes.max()
@@ -26,15 +28,23 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if class_agnostic:
         return nms(boxes.float(), scores.float(), float(iou_threshold))
+    shifted = _class_offsets(boxes, idxs)
     if boxes.shape[0] < split_thr:
-        return nms(_class_offsets(boxes, idxs).float(), scores.float(), float(iou_threshold))
+        return nms(shifted, scores.float(), float(iou_threshold))
     kept = []
     for cls in torch.unique(idxs):
         members = (idxs == cls).nonzero().squeeze(1)
-        kept.append(members[nms(boxes[members].float(), scores[members].float(), float(iou_threshold))])
+        kept.append(members[nms(shifted[members], scores[members].float(), float(iou_threshold))])
     keep = torch.cat(kept)
-    order = scores[keep].sort(descending=True, stable=True).indices
-    return keep[order]
+    return _by_score(keep, scores[keep])[0]
+
+
+def _by_score(inds: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort by decreasing score, ties by increasing index (the order a greedy pass over all boxes picks them)."""
+    by_index = inds.argsort()
+    inds, scores = inds[by_index], scores[by_index]
+    by_score = scores.sort(descending=True, stable=True).indices
+    return inds[by_score], scores[by_score]
 
 
 def _soft_nms_padded(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, sigma: float,
@@ -49,6 +59,8 @@ def _soft_nms_padded(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold
     kept = torch.zeros_like(valid)
     rows = torch.arange(num_groups, device=scores.device)
     neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    coords = tuple(boxes[..., i].contiguous() for i in range(4))
+    area = (coords[2] - coords[0]) * (coords[3] - coords[1])
     for _ in range(num):
         masked = torch.where(alive, scores, neg_inf)
         best = masked.argmax(dim=1)
@@ -59,7 +71,7 @@ def _soft_nms_padded(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold
         kept[rows[active], best[active]] = True
         alive[rows[active], best[active]] = False
         sel_boxes = boxes[rows, best]                                     # (G, 4)
-        iou = _iou_one_to_many(sel_boxes, boxes)                          # (G, M)
+        iou = _iou_one_to_many(sel_boxes, coords, area)                   # (G, M)
         if method == "linear":
             decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
         elif method == "gaussian":
@@ -73,15 +85,15 @@ def _soft_nms_padded(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold
     return scores, kept
 
 
-def _iou_one_to_many(sel: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of ``sel`` (G, 4) with each row of ``boxes`` (G, M, 4), as ``box_iou`` computes it."""
-    area_sel = (sel[:, 2] - sel[:, 0]) * (sel[:, 3] - sel[:, 1])
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    lt = torch.max(sel[:, None, :2], boxes[..., :2])
-    rb = torch.min(sel[:, None, 2:], boxes[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_sel[:, None] + area - inter)
+def _iou_one_to_many(sel: Tensor, coords: tuple[Tensor, Tensor, Tensor, Tensor], area: Tensor) -> Tensor:
+    """IoU of ``sel`` (G, 4) with the boxes of its group, given as x1, y1, x2, y2 (G, M) and their areas, in
+    ``box_iou``'s arithmetic."""
+    x1, y1, x2, y2 = coords
+    sx1, sy1, sx2, sy2 = (sel[:, i, None] for i in range(4))
+    iw = (torch.min(sx2, x2) - torch.max(sx1, x1)).clamp_(min=0)
+    ih = (torch.min(sy2, y2) - torch.max(sy1, y1)).clamp_(min=0)
+    inter = iw * ih
+    return inter / ((sx2 - sx1) * (sy2 - sy1) + area - inter)
 
 
 def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
@@ -95,9 +107,8 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
     valid = torch.ones(1, boxes.shape[0], dtype=torch.bool, device=boxes.device)
     decayed, kept = _soft_nms_padded(boxes[None], scores[None], valid, iou_threshold, sigma, min_score, method)
     inds = kept[0].nonzero().squeeze(1)
-    kept_scores = decayed[0, inds]
-    order = kept_scores.sort(descending=True, stable=True).indices
-    return inds[order], kept_scores[order].to(scores.dtype)
+    inds, kept_scores = _by_score(inds, decayed[0, inds])
+    return inds, kept_scores.to(scores.dtype)
 
 
 def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
@@ -114,29 +125,27 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     counts = torch.bincount(group, minlength=len(classes))
     order = torch.argsort(group, stable=True)
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(n, device=boxes.device) - starts[group[order]]
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(n, device=boxes.device) - starts[group[order]]
     num_groups, width = len(classes), int(counts.max())
     padded_boxes = boxes.new_zeros(num_groups, width, 4, dtype=torch.float32)
     padded_scores = scores.new_zeros(num_groups, width, dtype=torch.float32)
     valid = torch.zeros(num_groups, width, dtype=torch.bool, device=boxes.device)
     source = torch.full((num_groups, width), -1, dtype=torch.long, device=boxes.device)
-    g = group[order]
-    padded_boxes[g, slot] = boxes[order].float()
-    padded_scores[g, slot] = scores[order].float()
-    valid[g, slot] = True
-    source[g, slot] = order
+    padded_boxes[group, slot] = boxes.float()
+    padded_scores[group, slot] = scores.float()
+    valid[group, slot] = True
+    source[group, slot] = torch.arange(n, device=boxes.device)
     if n < split_thr:
         # Below split_thr mmcv runs one soft-NMS over class-offset boxes: after its very first pick every other
         # box is checked against min_score, so only the overall best box escapes that check.
         first = int(scores.argmax())
         low = (padded_scores < min_score) & valid
-        low[group[first], slot[torch.nonzero(order == first).item()]] = False
+        low[group[first], slot[first]] = False
         valid = valid & ~low
     decayed, kept = _soft_nms_padded(padded_boxes, padded_scores, valid, iou_threshold, sigma, min_score, method)
-    inds = source[kept]
-    kept_scores = decayed[kept]
-    by_score = kept_scores.sort(descending=True, stable=True).indices
-    return inds[by_score], kept_scores[by_score].to(scores.dtype)
+    inds, kept_scores = _by_score(source[kept], decayed[kept])
+    return inds, kept_scores.to(scores.dtype)
 
 
 def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_num: int = -1,
@@ -144,7 +153,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mmdet ``multiclass_nms``: ``boxes`` (N, 4) shared or (N, C, 4) per class, ``scores`` (N, C) without
     the background column. Keeps (box, class) pairs with score > score_thr, NMS per class (``nms_type``
-    'nms' | 'soft_nms_linear' | 'soft_nms_gaussian'), then the top ``max_num``.
+    'nms' | 'soft_nms_linear' | 'soft_nms_gaussian' | 'soft_nms_naive'), then the top ``max_num``.
     Returns (boxes (K, 4), scores (K,), labels (K,), index of the source row (K,))."""
     num_rows, num_classes = scores.shape
     if boxes.dim() == 2 and boxes.shape[1] == 4:

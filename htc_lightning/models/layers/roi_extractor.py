@@ -1,7 +1,9 @@
 """RoIAlign over an FPN pyramid (mmdet's ``SingleRoIExtractor``)."""
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -12,12 +14,49 @@ class MultiLevelRoIAlign(nn.Module):
     def __init__(self, output_size: int, featmap_strides: Sequence[int], sampling_ratio: int = 0,
                  finest_scale: int = 56, aligned: bool = True) -> None:
         super().__init__()
-        raise NotImplementedError
+        if len(featmap_strides) == 0:
+            raise ValueError("MultiLevelRoIAlign: featmap_strides is empty")
+        self.output_size = int(output_size)
+        self.featmap_strides = [int(s) for s in featmap_strides]
+        self.sampling_ratio = int(sampling_ratio)
+        self.finest_scale = finest_scale
+        self.aligned = aligned
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.featmap_strides)
 
     def map_roi_levels(self, rois: Tensor, num_levels: int) -> Tensor:
-        raise NotImplementedError
+        # FPN paper eq. (1) in mmdet's form: level 0 below 112 px (2 * finest_scale), one level per octave.
+        rois = rois.float()  # sqrt/log2 in fp16 would move boxes near a level boundary
+        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
+        return levels.clamp(min=0, max=num_levels - 1).long()
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """``rois`` (K, 5): batch index, x1, y1, x2, y2 in input pixels. Uses the first
         ``len(featmap_strides)`` of ``feats``. Returns (K, C, S, S)."""
-        raise NotImplementedError
+        num_levels = self.num_inputs
+        if len(feats) < num_levels:
+            raise ValueError(f"MultiLevelRoIAlign: {len(feats)} feature maps for {num_levels} strides "
+                             f"{self.featmap_strides}")
+        feats = feats[:num_levels]
+        size = (self.output_size, self.output_size)
+        dtype = feats[0].dtype
+        rois_t = rois.to(dtype)
+        if num_levels == 1:
+            if rois.shape[0] == 0:
+                return feats[0].new_zeros(0, feats[0].shape[1], *size) + feats[0].sum() * 0
+            return roi_align(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
+                             self.aligned)
+        levels = self.map_roi_levels(rois, num_levels)
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], *size)
+        for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
+            inds = (levels == level).nonzero().squeeze(1)
+            if inds.numel() == 0:
+                # keep every level in the graph so DDP sees the same parameters used on every rank
+                out = out + feat.sum() * 0
+                continue
+            pooled = roi_align(feat, rois_t[inds], size, 1.0 / stride, self.sampling_ratio, self.aligned)
+            out[inds] = pooled
+        return out

@@ -1,6 +1,7 @@
 """Sampling of assigned candidates into a training mini-batch."""
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .assigners import AssignResult
@@ -23,19 +24,74 @@ class SamplingResult:
     @property
     def boxes(self) -> Tensor:
         """(P + Q, 4): positives first, as mmdet's ``SamplingResult.priors``/``bboxes``."""
-        raise NotImplementedError
+        return torch.cat([self.pos_boxes, self.neg_boxes], dim=0)
+
+    @property
+    def avg_factor(self) -> int:
+        """mmdet's loss normaliser for sampled heads: ``max(P, 1) + max(Q, 1)`` (its ``num_pos``/``num_neg``
+        are floored at 1; the true counts are ``pos_inds.numel()``/``neg_inds.numel()``)."""
+        return max(int(self.pos_inds.numel()), 1) + max(int(self.neg_inds.numel()), 1)
 
 
 class RandomSampler:
     """mmdet ``RandomSampler``: at most ``num * pos_fraction`` random positives, the rest of ``num`` negatives
     (``neg_pos_ub`` caps negatives at ub * positives when >= 0). ``num=None`` keeps every positive and
-    negative in order (what mmdet does with a budget larger than the candidates: the loss-parity mode)."""
+    negative in order (what mmdet does with a budget larger than the candidates: the loss-parity mode).
+
+    Sampled indices come back sorted ascending, as mmdet's (it calls ``unique()`` on them). Random draws use
+    ``torch.randperm`` (positives first, then negatives, only when a set exceeds its budget), so with the same
+    seed on CPU the picks are mmdet's.
+    """
 
     def __init__(self, num: int | None, pos_fraction: float, neg_pos_ub: int = -1,
                  add_gt_as_proposals: bool = True) -> None:
-        raise NotImplementedError
+        if num is not None and num < 0:
+            raise ValueError(f"RandomSampler: num must be >= 0 or None, got {num}")
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise ValueError(f"RandomSampler: pos_fraction must lie in [0, 1], got {pos_fraction}")
+        self.num = num
+        self.pos_fraction = float(pos_fraction)
+        self.neg_pos_ub = neg_pos_ub
+        self.add_gt_as_proposals = add_gt_as_proposals
+
+    @staticmethod
+    def _choose(candidates: Tensor, budget: int | None) -> Tensor:
+        if budget is None or candidates.numel() <= budget:
+            return candidates
+        perm = torch.randperm(candidates.numel(), device=candidates.device)[:budget]
+        return candidates[perm].sort().values
 
     def sample(self, assign_result: AssignResult, boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor | None = None) -> SamplingResult:
-        """May prepend ``gt_boxes`` to ``boxes`` (and ``assign_result.add_gt_``) before sampling."""
-        raise NotImplementedError
+        """May prepend ``gt_boxes`` to ``boxes`` (and ``assign_result.add_gt_``, in place) before sampling.
+        Without ``gt_labels`` the gt boxes carry label 0 (RPN)."""
+        boxes = boxes[:, :4]
+        if boxes.shape[0] != assign_result.num_candidates:
+            raise ValueError(f"RandomSampler: {boxes.shape[0]} boxes but the assignment covers "
+                             f"{assign_result.num_candidates} candidates")
+        is_gt = torch.zeros(boxes.shape[0], dtype=torch.uint8, device=boxes.device)
+        num_gts = int(gt_boxes.shape[0])
+        if self.add_gt_as_proposals and num_gts > 0:
+            if gt_labels is None:
+                gt_labels = torch.zeros(num_gts, dtype=torch.long, device=boxes.device)
+            boxes = torch.cat([gt_boxes.to(boxes.dtype), boxes], dim=0)
+            assign_result.add_gt_(gt_labels)
+            is_gt = torch.cat([torch.ones(num_gts, dtype=torch.uint8, device=boxes.device), is_gt])
+
+        pos_budget = None if self.num is None else int(self.num * self.pos_fraction)
+        pos_inds = self._choose(torch.nonzero(assign_result.gt_inds > 0).view(-1), pos_budget)
+        neg_budget = None if self.num is None else self.num - pos_inds.numel()
+        if self.neg_pos_ub >= 0:
+            ub = int(self.neg_pos_ub * max(1, pos_inds.numel()))
+            neg_budget = ub if neg_budget is None else min(neg_budget, ub)
+        neg_inds = self._choose(torch.nonzero(assign_result.gt_inds == 0).view(-1), neg_budget)
+
+        pos_assigned = assign_result.gt_inds[pos_inds] - 1
+        if num_gts == 0:
+            pos_gt_boxes = gt_boxes.new_zeros((0, 4))
+        else:
+            pos_gt_boxes = gt_boxes[pos_assigned]
+        return SamplingResult(
+            pos_inds=pos_inds, neg_inds=neg_inds, pos_boxes=boxes[pos_inds], neg_boxes=boxes[neg_inds],
+            pos_gt_boxes=pos_gt_boxes, pos_gt_labels=assign_result.labels[pos_inds],
+            pos_assigned_gt_inds=pos_assigned, pos_is_gt=is_gt[pos_inds], num_gts=num_gts)

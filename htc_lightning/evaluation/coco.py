@@ -1,0 +1,289 @@
+"""COCO box / mask AP and proposal AR, gathered across ranks.
+
+Predictions are turned into COCO result dicts as soon as they arrive (boxes as xywh floats, masks as
+compressed RLE with ``str`` counts), so a whole validation epoch never keeps a dense mask.
+
+Distributed use (DDP): every rank calls :meth:`CocoEvaluator.update` on its own shard and then *all* ranks
+call :meth:`CocoEvaluator.compute` (it is a collective). ``compute`` all-gathers the per-image results with
+``torch.distributed.all_gather_object``, keeps the first copy of each ``image_id`` (``DistributedSampler``
+pads the last batch with repeated images), evaluates on rank 0 only and broadcasts the metric dict, so every
+rank returns the same numbers (log them with ``sync_dist=False``). An exception raised while evaluating on
+rank 0 is re-raised on every rank instead of leaving the others waiting in the broadcast.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.distributed as dist
+
+from htc_lightning.structures import Detections, ImageMeta
+
+Backend = Literal["pycocotools", "faster_coco_eval"]
+
+# Order of COCOeval.stats for the bbox / segm iou types (the standard 12-number summary).
+DET_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
+                  "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
+_IOU_TYPES = ("bbox", "segm", "proposal")
+# Masks are RLE-encoded this many at a time, bounding the temporary uint8 copy.
+_ENCODE_CHUNK = 32
+
+
+def _coco_classes(backend: Backend) -> tuple[type, type]:
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+        return COCO, COCOeval_faster
+    raise ValueError(f"backend {backend!r}: expected 'pycocotools' or 'faster_coco_eval'")
+
+
+def metric_names(iou_types: Sequence[str], proposal_nums: Sequence[int] = (100, 300, 1000)) -> list[str]:
+    """The keys :meth:`CocoEvaluator.compute` returns for these iou types."""
+    names: list[str] = []
+    for iou_type in iou_types:
+        if iou_type == "proposal":
+            names += [f"AR@{n}" for n in proposal_nums]
+            names += [f"AR_{size}@{proposal_nums[-1]}" for size in ("s", "m", "l")]
+        else:
+            names += [f"{iou_type}_{name}" for name in DET_STAT_NAMES]
+    return names
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """(N, H, W) binary masks -> COCO compressed RLEs with ``str`` counts (json-ready)."""
+    if masks.is_floating_point():
+        raise ValueError(f"masks must be bool or integer binary masks, got {masks.dtype} (threshold them first)")
+    array = masks.detach().cpu().numpy()
+    array = array.view(np.uint8) if array.dtype == np.bool_ else (array != 0).view(np.uint8)
+    rles: list[dict[str, Any]] = []
+    for start in range(0, array.shape[0], _ENCODE_CHUNK):
+        # pycocotools wants column-major (H, W, N) uint8; numpy's single-threaded transposing copy is several
+        # times faster here than torch's permute().contiguous() on a busy CPU.
+        for rle in mask_util.encode(np.asfortranarray(array[start:start + _ENCODE_CHUNK].transpose(1, 2, 0))):
+            rle["counts"] = rle["counts"].decode("ascii")
+            rles.append(rle)
+    return rles
+
+
+def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
+                       with_masks: bool) -> tuple[list[dict], list[dict]]:
+    """One image's detections -> (bbox results, segm results) in COCO's result-file format."""
+    n = len(det)
+    if n == 0:
+        return [], []
+    labels = det.labels.detach().cpu().tolist()
+    bad = [label for label in labels if not 0 <= label < len(cat_ids)]
+    if bad:
+        raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside 0..{len(cat_ids) - 1}")
+    categories = [int(cat_ids[label]) for label in labels]
+    # xywh computed in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values.
+    boxes = det.boxes.detach().cpu().double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = det.scores.detach().cpu().double().tolist()
+    bbox_results = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                    for c, b, s in zip(categories, xywh, scores)]
+    if not with_masks:
+        return bbox_results, []
+    if det.masks is None:
+        raise ValueError(f"image {image_id}: 'segm' evaluation needs Detections.masks, got None")
+    if det.masks.shape[0] != n:
+        raise ValueError(f"image {image_id}: {det.masks.shape[0]} masks for {n} boxes")
+    # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
+    # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
+    segm_results = [{"image_id": image_id, "category_id": c, "segmentation": rle, "score": s}
+                    for c, rle, s in zip(categories, encode_masks(det.masks), scores)]
+    return bbox_results, segm_results
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CocoEvaluator:
+    """COCO bbox / segm AP and proposal AR over the images passed to :meth:`update`.
+
+    Args:
+        ann_file: COCO instances json of the evaluated split. ``None`` means format-only (e.g. test-dev):
+            :meth:`compute` writes the result files and returns ``{}``; ``cat_ids`` and ``outfile_prefix``
+            are then required.
+        cat_ids: COCO category id of each contiguous label; default: the sorted category ids of ``ann_file``.
+        iou_types: any of "bbox", "segm", "proposal". "proposal" is mmdet's class-agnostic recall
+            (``useCats=0``, ``maxDets=proposal_nums``) on the boxes.
+        backend: "pycocotools" or "faster_coco_eval" (same numbers, the latter much faster).
+        proposal_nums: the three maxDets of proposal AR (``AR@100``, ``AR@300``, ``AR@1000``).
+        outfile_prefix: when set, :meth:`compute` writes ``{prefix}.bbox.json`` (also for proposals) and
+            ``{prefix}.segm.json`` with the original category ids, ready for the COCO test-dev server.
+        verbose: print COCO's evaluation log and summary table; it is kept in :attr:`summary` either way.
+
+    Only the images seen by :meth:`update` are evaluated (``params.imgIds``), including images that got no
+    detection, so a partial validation run (``limit_val_batches``) gives the AP of that subset. mmdet's
+    CocoMetric instead evaluates every image of the annotation file; over a full split the two agree.
+    Returned values are COCO's, unrounded: -1 where an entry is undefined (e.g. no small objects); all zeros
+    (with a warning) when there is no detection at all.
+    """
+
+    def __init__(self, ann_file: str | None, cat_ids: list[int] | None = None,
+                 iou_types: tuple[str, ...] = ("bbox", "segm"), backend: Backend = "pycocotools",
+                 proposal_nums: tuple[int, ...] = (100, 300, 1000), outfile_prefix: str | None = None,
+                 verbose: bool = False) -> None:
+        unknown = [t for t in iou_types if t not in _IOU_TYPES]
+        if unknown or not iou_types:
+            raise ValueError(f"iou_types {tuple(iou_types)}: expected a non-empty subset of {_IOU_TYPES}")
+        if len(proposal_nums) != 3 or list(proposal_nums) != sorted(set(proposal_nums)):
+            raise ValueError(f"proposal_nums {tuple(proposal_nums)}: COCO's summary needs three increasing maxDets")
+        if ann_file is None and (cat_ids is None or outfile_prefix is None):
+            raise ValueError("ann_file=None (format-only) needs both cat_ids and outfile_prefix")
+        _coco_classes(backend)  # fail at construction on a wrong or missing backend
+        self.ann_file = ann_file
+        self.iou_types = tuple(iou_types)
+        self.backend = backend
+        self.proposal_nums = tuple(int(n) for n in proposal_nums)
+        self.outfile_prefix = outfile_prefix
+        self.verbose = verbose
+        self._cat_ids = None if cat_ids is None else [int(c) for c in cat_ids]
+        self._coco_gt = None  # loaded on the evaluating rank at the first compute(), then kept across reset()
+        self.summary = ""
+        self._results: dict[int, tuple[list[dict], list[dict]]] = {}
+
+    @property
+    def cat_ids(self) -> list[int]:
+        if self._cat_ids is None:
+            # Read only the categories here: the full ground truth is loaded lazily, on rank 0.
+            with open(self.ann_file) as f:
+                self._cat_ids = sorted(int(c["id"]) for c in json.load(f)["categories"])
+        return self._cat_ids
+
+    def reset(self) -> None:
+        self._results = {}
+
+    def update(self, detections: Sequence[Detections], metas: Sequence[ImageMeta]) -> None:
+        """Convert a batch of per-image detections (original image frame) into COCO results."""
+        if len(detections) != len(metas):
+            raise ValueError(f"update: {len(detections)} detections for {len(metas)} metas")
+        with_masks = "segm" in self.iou_types
+        for det, meta in zip(detections, metas):
+            image_id = int(meta["image_id"])
+            if image_id in self._results:
+                continue  # a repeated image (sampler padding): the first copy counts
+            if with_masks and det.masks is not None and "orig_size" in meta and len(det) > 0:
+                if tuple(det.masks.shape[-2:]) != tuple(meta["orig_size"]):
+                    raise ValueError(f"image {image_id}: masks are {tuple(det.masks.shape[-2:])}, "
+                                     f"expected the original size {tuple(meta['orig_size'])}")
+            self._results[image_id] = detections_to_coco(det, image_id, self.cat_ids, with_masks)
+
+    # -- compute -----------------------------------------------------------------------------------------
+
+    def _gathered(self) -> dict[int, tuple[list[dict], list[dict]]]:
+        rank, world = _dist_info()
+        if world == 1:
+            return self._results
+        shards: list[Any] = [None] * world
+        dist.all_gather_object(shards, list(self._results.items()))
+        merged: dict[int, tuple[list[dict], list[dict]]] = {}
+        for shard in shards:
+            for image_id, results in shard:
+                merged.setdefault(image_id, results)
+        return merged
+
+    def compute(self) -> dict[str, float]:
+        """Metrics over every image seen since the last :meth:`reset` (on all ranks; a collective under DDP)."""
+        per_image = self._gathered()
+        rank, world = _dist_info()
+        outcome: tuple[str, Any] = ("ok", None)
+        if rank == 0:
+            try:
+                outcome = ("ok", self._evaluate(per_image))
+            except Exception as exc:  # re-raised on every rank below
+                outcome = ("error", exc)
+        if world > 1:
+            box = [outcome]
+            dist.broadcast_object_list(box, src=0)
+            outcome = box[0]
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1]
+
+    def _evaluate(self, per_image: dict[int, tuple[list[dict], list[dict]]]) -> dict[str, float]:
+        img_ids = sorted(per_image)
+        # Sorting by image id makes the result order, hence score ties, independent of how ranks split the data.
+        bbox_results = [r for i in img_ids for r in per_image[i][0]]
+        segm_results = [r for i in img_ids for r in per_image[i][1]]
+        if self.outfile_prefix is not None:
+            self._write(bbox_results, segm_results)
+        if self.ann_file is None:
+            return {}
+        gt = self._ground_truth()
+        missing = sorted(set(img_ids) - set(gt.getImgIds()))
+        if missing:
+            raise ValueError(f"image ids {missing[:10]} (of {len(missing)}) are not in {self.ann_file}")
+        if not bbox_results:
+            warnings.warn(f"CocoEvaluator: no detections on the {len(img_ids)} evaluated images; returning zeros",
+                          stacklevel=3)
+            return dict.fromkeys(metric_names(self.iou_types, self.proposal_nums), 0.0)
+        metrics: dict[str, float] = {}
+        summaries = []
+        for iou_type in self.iou_types:
+            results = segm_results if iou_type == "segm" else bbox_results
+            stats, text = self._evaluate_one(gt, iou_type, results, img_ids)
+            metrics.update(zip(metric_names([iou_type], self.proposal_nums), stats))
+            summaries.append(text)
+        self.summary = "\n".join(summaries)
+        if self.verbose:
+            print(self.summary)
+        return metrics
+
+    def _ground_truth(self):
+        if self._coco_gt is None:
+            coco_cls, _ = _coco_classes(self.backend)
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._coco_gt = coco_cls(self.ann_file)
+        return self._coco_gt
+
+    def _evaluate_one(self, gt, iou_type: str, results: list[dict], img_ids: list[int]) -> tuple[list[float], str]:
+        _, eval_cls = _coco_classes(self.backend)
+        log = io.StringIO()
+
+        def log_line(*args, **kwargs):
+            print(*args, **kwargs, file=log)
+
+        with contextlib.redirect_stdout(log):
+            # Shallow copies: loadRes adds id/area/iscrowd keys to each dict it is given.
+            dt = gt.loadRes([dict(r) for r in results])
+            kwargs = {"print_function": log_line} if self.backend == "faster_coco_eval" else {}
+            coco_eval = eval_cls(gt, dt, "bbox" if iou_type == "proposal" else iou_type, **kwargs)
+            coco_eval.params.imgIds = img_ids
+            coco_eval.params.catIds = list(self.cat_ids)
+            if iou_type == "proposal":
+                # mmdet's CocoMetric 'proposal': class-agnostic matching, recall at the proposal budgets.
+                coco_eval.params.useCats = 0
+                coco_eval.params.maxDets = list(self.proposal_nums)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        stats = [float(s) for s in coco_eval.stats[:12]]
+        if iou_type == "proposal":
+            stats = stats[6:12]  # AR at each budget, then AR small/medium/large at the last one
+        return stats, log.getvalue()
+
+    def _write(self, bbox_results: list[dict], segm_results: list[dict]) -> None:
+        directory = os.path.dirname(self.outfile_prefix)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(f"{self.outfile_prefix}.bbox.json", "w") as f:
+            json.dump(bbox_results, f)
+        if "segm" in self.iou_types:
+            with open(f"{self.outfile_prefix}.segm.json", "w") as f:
+                json.dump(segm_results, f)

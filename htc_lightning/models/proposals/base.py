@@ -1,0 +1,89 @@
+"""What the plain RPN and GA-RPN share: the detector-facing interface and the anchor-target step
+(assign, sample, encode) of mmdet's ``AnchorHead._get_targets_single``."""
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..layers.assigners import MaxIoUAssigner
+from ..layers.box_coder import BoxCoder
+from ..layers.samplers import RandomSampler
+
+
+class ProposalGenerator(Protocol):
+    """The interface the Detector calls (see DESIGN.md "Interfaces between the parts")."""
+
+    training: bool
+
+    def forward(self, feats: list[Tensor]) -> Any: ...
+
+    def loss(self, raw: Any, targets: list[dict], img_sizes: list[tuple[int, int]]) -> dict[str, Tensor]: ...
+
+    def proposals(self, raw: Any, img_sizes: list[tuple[int, int]]) -> list[Tensor]: ...
+
+    def keep_all_samples(self) -> None: ...
+
+
+@dataclass
+class AnchorTargets:
+    """Per-image targets over all anchors of all levels (flattened level after level)."""
+
+    labels: Tensor          # (N,) long: 0 foreground, 1 background (mmdet's RPN label convention)
+    label_weights: Tensor   # (N,) float
+    bbox_targets: Tensor    # (N, 4) encoded deltas
+    bbox_weights: Tensor    # (N, 4)
+    avg_factor: int         # max(#pos, 1) + max(#neg, 1), as mmdet's SamplingResult.avg_factor
+
+
+def pad_size_of(target: dict, img_size: tuple[int, int]) -> tuple[int, int]:
+    """The size the anchors' valid flags are computed against: mmdet uses ``pad_shape``."""
+    meta = target.get("meta") or {}
+    size = meta.get("pad_size")
+    return (int(size[0]), int(size[1])) if size is not None else (int(img_size[0]), int(img_size[1]))
+
+
+def anchor_targets(anchors: Tensor, inside: Tensor, target: dict, assigner: MaxIoUAssigner, sampler: RandomSampler,
+                   coder: BoxCoder) -> AnchorTargets:
+    """Assign and sample the anchors flagged ``inside``; anchors outside get label 1 with weight 0."""
+    if not bool(inside.any()):
+        raise ValueError(f"no anchor of {anchors.shape[0]} lies inside the image: check the image size and "
+                         "anchor sizes, or set allowed_border to -1")
+    gt_boxes = target["boxes"].to(anchors)
+    # the RPN is class-agnostic: every gt is foreground 0 (mmdet zeroes the labels for rpn_data_samples)
+    gt_labels = torch.zeros(gt_boxes.shape[0], dtype=torch.long, device=anchors.device)
+    ignore = target.get("crowd_boxes")
+    ignore = ignore.to(anchors) if ignore is not None and ignore.numel() > 0 else None
+    candidates = anchors[inside]
+    assign = assigner.assign(candidates, gt_boxes, gt_labels, ignore)
+    sampled = sampler.sample(assign, candidates, gt_boxes, gt_labels)
+
+    n = candidates.shape[0]
+    labels = torch.ones(n, dtype=torch.long, device=anchors.device)
+    label_weights = anchors.new_zeros(n)
+    bbox_targets = anchors.new_zeros(n, 4)
+    bbox_weights = anchors.new_zeros(n, 4)
+    pos, neg = sampled.pos_inds, sampled.neg_inds
+    if pos.numel() > 0:
+        bbox_targets[pos] = coder.encode(sampled.pos_boxes, sampled.pos_gt_boxes)
+        bbox_weights[pos] = 1.0
+        labels[pos] = 0
+        label_weights[pos] = 1.0
+    if neg.numel() > 0:
+        label_weights[neg] = 1.0
+    avg_factor = max(int(pos.numel()), 1) + max(int(neg.numel()), 1)
+    return AnchorTargets(unmap(labels, inside, 1), unmap(label_weights, inside), unmap(bbox_targets, inside),
+                         unmap(bbox_weights, inside), avg_factor)
+
+
+def unmap(data: Tensor, inside: Tensor, fill: float = 0) -> Tensor:
+    """Scatter per-candidate values back onto all anchors."""
+    out = data.new_full((inside.shape[0], *data.shape[1:]), fill)
+    out[inside] = data
+    return out
+
+
+def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
+    """(B, A*C, H, W) per level -> (B, sum(H*W*A), C), anchor index (y * W + x) * A + a as mmdet."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)

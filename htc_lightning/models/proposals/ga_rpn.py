@@ -1,0 +1,229 @@
+"""Guided Anchoring RPN (Wang et al., "Region Proposal by Guided Anchoring", CVPR 2019) with mmdetection
+3.3.0's ``GARPNHead`` behaviour and parameter names. The location/shape targets live in ``ga_targets.py``.
+
+mmdet's ``MaskedConv2d`` only handles one image; here ``conv_cls``/``conv_reg`` run densely and the
+test-time location mask zeroes the rest, which gives the same numbers for any batch size.
+"""
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d, nms
+
+from ..layers.anchors import AnchorGenerator, anchor_inside_flags
+from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
+from ..layers.box_coder import BoxCoder
+from ..layers.losses import binary_cross_entropy, bounded_iou_loss, focal_loss, smooth_l1_loss
+from ..layers.samplers import RandomSampler
+from .base import anchor_targets, flatten_levels, pad_size_of
+from .ga_targets import location_targets, shape_targets
+
+GARaw = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+
+
+class FeatureAdaption(nn.Module):
+    """Sec. 3.3: a 1x1 conv turns the (detached) shape prediction into deformable-conv offsets."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, deform_groups: int = 4) -> None:
+        super().__init__()
+        self.conv_offset = nn.Conv2d(2, deform_groups * kernel_size * kernel_size * 2, 1, bias=False)
+        self.conv_adaption = DeformConv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2,
+                                          bias=False)
+        nn.init.normal_(self.conv_offset.weight, std=0.1)  # mmdet's FeatureAdaption init
+        nn.init.normal_(self.conv_adaption.weight, std=0.01)
+
+    def forward(self, x: Tensor, shape: Tensor) -> Tensor:
+        return F.relu(self.conv_adaption(x, self.conv_offset(shape.detach())))
+
+
+class GARPN(nn.Module):
+    """``forward(feats) -> (cls_scores, bbox_preds, shape_preds, loc_preds)``, each a list over levels of
+    (B, 1, H, W), (B, 4, H, W), (B, 2, H, W), (B, 1, H, W) (mmdet's order)."""
+
+    def __init__(self, in_channels: int = 256, feat_channels: int = 256,
+                 strides: Sequence[int] = (4, 8, 16, 32, 64), octave_base_scale: int = 8, scales_per_octave: int = 3,
+                 approx_ratios: Sequence[float] = (0.5, 1.0, 2.0), deform_groups: int = 4,
+                 anchor_stds: Sequence[float] = (0.07, 0.07, 0.14, 0.14),
+                 bbox_stds: Sequence[float] = (0.07, 0.07, 0.11, 0.11), loc_filter_thr: float = 0.01,
+                 center_ratio: float = 0.2, ignore_ratio: float = 0.5, invert_loc_targets: bool = True,
+                 pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
+                 ignore_iof_thr: float = -1.0, allowed_border: int = -1,
+                 sampler_num: int | None = 256, sampler_pos_fraction: float = 0.5,
+                 ga_sampler_num: int | None = 256, ga_sampler_pos_fraction: float = 0.5,
+                 loss_loc_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 loss_shape_weight: float = 1.0, bounded_iou_beta: float = 0.2,
+                 loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0,
+                 train_nms_pre: int = 2000, train_nms_post: int = 1000, train_max_per_img: int = 300,
+                 test_nms_pre: int = 2000, test_nms_post: int = 1000, test_max_per_img: int = 1000,
+                 nms_iou: float = 0.7, min_bbox_size: float = 0.0) -> None:
+        super().__init__()
+        self.strides = tuple(strides)
+        self.octave_base_scale = octave_base_scale
+        self.approx_generator = AnchorGenerator(strides, approx_ratios, octave_base_scale=octave_base_scale,
+                                                scales_per_octave=scales_per_octave)
+        self.square_generator = AnchorGenerator(strides, (1.0,), scales=(octave_base_scale,))
+        self.approxs_per_octave = self.approx_generator.num_base_anchors
+
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.conv_loc = nn.Conv2d(feat_channels, 1, 1)
+        self.conv_shape = nn.Conv2d(feat_channels, 2, 1)
+        self.feature_adaption = FeatureAdaption(feat_channels, feat_channels, 3, deform_groups)
+        self.conv_cls = nn.Conv2d(feat_channels, 1, 1)
+        self.conv_reg = nn.Conv2d(feat_channels, 4, 1)
+        for conv in (self.rpn_conv, self.conv_loc, self.conv_shape, self.conv_cls, self.conv_reg):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.constant_(self.conv_loc.bias, -math.log((1 - 0.01) / 0.01))  # location prior 0.01
+
+        # guided anchors come from squares through the anchor coder without a ratio clip (mmdet: 1e-6)
+        self.anchor_coder = BoxCoder((0.0,) * 4, anchor_stds, wh_ratio_clip=1e-6)
+        self.box_coder = BoxCoder((0.0,) * 4, bbox_stds)
+        self.loc_filter_thr = loc_filter_thr
+        self.center_ratio, self.ignore_ratio = center_ratio, ignore_ratio
+        self.invert_loc_targets = invert_loc_targets
+        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, ignore_iof_thr=ignore_iof_thr)
+        self.ga_assigner = ApproxMaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, ignore_iof_thr=ignore_iof_thr)
+        self.sampler_pos_fraction, self.ga_sampler_pos_fraction = sampler_pos_fraction, ga_sampler_pos_fraction
+        self.sampler = RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=False)
+        self.ga_sampler = RandomSampler(ga_sampler_num, ga_sampler_pos_fraction, add_gt_as_proposals=False)
+        self.allowed_border = allowed_border
+        self.loss_loc_weight, self.focal_alpha, self.focal_gamma = loss_loc_weight, focal_alpha, focal_gamma
+        self.loss_shape_weight, self.bounded_iou_beta = loss_shape_weight, bounded_iou_beta
+        self.loss_cls_weight, self.loss_bbox_weight = loss_cls_weight, loss_bbox_weight
+        self.smooth_l1_beta = smooth_l1_beta
+        self.train_nms_pre, self.train_nms_post, self.train_max_per_img = train_nms_pre, train_nms_post, \
+            train_max_per_img
+        self.test_nms_pre, self.test_nms_post, self.test_max_per_img = test_nms_pre, test_nms_post, test_max_per_img
+        self.nms_iou = nms_iou
+        self.min_bbox_size = min_bbox_size
+
+    def keep_all_samples(self) -> None:
+        """Keep every positive and negative in both samplers (deterministic losses for parity checks)."""
+        self.sampler = RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=False)
+        self.ga_sampler = RandomSampler(None, self.ga_sampler_pos_fraction, add_gt_as_proposals=False)
+
+    def forward(self, feats: list[Tensor]) -> GARaw:
+        cls_scores, bbox_preds, shape_preds, loc_preds = [], [], [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            loc = self.conv_loc(x)
+            shape = self.conv_shape(x)
+            x = self.feature_adaption(x, shape)
+            cls, reg = self.conv_cls(x), self.conv_reg(x)
+            if not self.training:  # mmdet's MaskedConv2d: zero outside the kept locations
+                mask = (loc.sigmoid() >= self.loc_filter_thr).to(cls.dtype)
+                cls, reg = cls * mask, reg * mask
+            cls_scores.append(cls)
+            bbox_preds.append(reg)
+            shape_preds.append(shape)
+            loc_preds.append(loc)
+        return cls_scores, bbox_preds, shape_preds, loc_preds
+
+    def guided_anchors(self, squares: Tensor, shape_pred: Tensor) -> Tensor:
+        """Squares (N, 4) scaled by the predicted (dw, dh) of shape (N, 2), centres kept; no gradient."""
+        deltas = torch.cat([torch.zeros_like(shape_pred), shape_pred], dim=1).detach()
+        return self.anchor_coder.decode(squares, deltas)
+
+    def loss(self, raw: GARaw, targets: list[dict], img_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds, shape_preds, loc_preds = raw
+        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
+        device = cls_scores[0].device
+
+        # anchor location branch: focal loss over every location of every level
+        gt_list = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
+        loc_t, loc_w, loc_avg = location_targets(gt_list, sizes, self.strides, self.octave_base_scale,
+                                                 self.center_ratio, self.ignore_ratio)
+        loc_logits = torch.cat([p.reshape(-1) for p in loc_preds])[:, None]
+        loc_targets = torch.cat([t.reshape(-1) for t in loc_t])
+        if self.invert_loc_targets:
+            # mmdet >= 2.0 hands the 0/1 map to FocalLoss as class indices with index 1 = background, so the
+            # centre region is trained towards 0 and the rest towards 1; the oracle's loss_anchor_loc needs it.
+            loc_targets = 1 - loc_targets
+        loss_loc = focal_loss(loc_logits, loc_targets[:, None], torch.cat([w.reshape(-1) for w in loc_w]),
+                              alpha=self.focal_alpha, gamma=self.focal_gamma, avg_factor=loc_avg)
+
+        approxs = torch.cat(self.approx_generator.grid_anchors(sizes, device))
+        squares = torch.cat(self.square_generator.grid_anchors(sizes, device))
+        shape_flat = flatten_levels(shape_preds, 2)
+        cls_targets, shape_tgts = [], []
+        for b, (target, img_size) in enumerate(zip(targets, img_sizes, strict=True)):
+            valid = torch.cat(self.approx_generator.valid_flags(sizes, pad_size_of(target, img_size), device))
+            # a location is usable when any of its approx anchors is (mmdet's get_sampled_approxs)
+            inside = anchor_inside_flags(approxs, valid, img_size, self.allowed_border)
+            inside = inside.view(-1, self.approxs_per_octave).any(dim=1)
+            shape_tgts.append(shape_targets(approxs, squares, inside, target, self.ga_assigner, self.ga_sampler,
+                                            self.approxs_per_octave))
+            anchors = self.guided_anchors(squares, shape_flat[b])
+            cls_inside = anchor_inside_flags(anchors, inside, img_size, self.allowed_border)
+            cls_targets.append(anchor_targets(anchors, cls_inside, target, self.assigner, self.sampler,
+                                              self.box_coder))
+
+        # anchor shape branch: bounded IoU between the guided anchor and its gt, positives only
+        ga_avg = float(sum(s.avg_factor for s in shape_tgts))
+        pos = torch.cat([s.weights for s in shape_tgts]) > 0
+        sq = torch.cat([s.squares for s in shape_tgts])[pos]
+        gts = torch.cat([s.gt_boxes for s in shape_tgts])[pos]
+        pred_shape = shape_flat.reshape(-1, 2)[pos]
+        pred_anchors = self.anchor_coder.decode(sq, torch.cat([torch.zeros_like(pred_shape), pred_shape], dim=1))
+        if bool(pos.any()):
+            loss_shape = bounded_iou_loss(pred_anchors, gts, beta=self.bounded_iou_beta,
+                                          weight=torch.ones_like(pred_anchors), avg_factor=ga_avg)
+        else:
+            loss_shape = shape_flat.sum() * 0
+
+        # objectness and deltas on the guided anchors of all locations (no location filter in training)
+        avg_factor = float(sum(t.avg_factor for t in cls_targets))
+        labels = torch.stack([t.labels for t in cls_targets]).flatten()
+        label_weights = torch.stack([t.label_weights for t in cls_targets]).flatten()
+        bbox_targets = torch.stack([t.bbox_targets for t in cls_targets]).reshape(-1, 4)
+        bbox_weights = torch.stack([t.bbox_weights for t in cls_targets]).reshape(-1, 4)
+        logits = flatten_levels(cls_scores, 1).reshape(-1, 1)
+        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
+        loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
+                                        avg_factor=avg_factor)
+        loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
+                                   avg_factor=avg_factor)
+        return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox,
+                "loss_anchor_shape": self.loss_shape_weight * loss_shape,
+                "loss_anchor_loc": self.loss_loc_weight * loss_loc}
+
+    @torch.no_grad()
+    def proposals(self, raw: GARaw, img_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        cls_scores, bbox_preds, shape_preds, loc_preds = raw
+        if self.training:
+            nms_pre, nms_post, max_per_img = self.train_nms_pre, self.train_nms_post, self.train_max_per_img
+        else:
+            nms_pre, nms_post, max_per_img = self.test_nms_pre, self.test_nms_post, self.test_max_per_img
+        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
+        squares = self.square_generator.grid_anchors(sizes, cls_scores[0].device)
+        results = []
+        for b, img_size in enumerate(img_sizes):
+            per_level = []
+            for cls, reg, shape, loc, sq in zip(cls_scores, bbox_preds, shape_preds, loc_preds, squares, strict=True):
+                # mmdet filters locations only at test time (use_loc_filter = not training)
+                loc_prob = loc[b, 0].detach().sigmoid().reshape(-1)
+                keep = loc_prob >= (self.loc_filter_thr if not self.training else 0.0)
+                if not bool(keep.any()):
+                    continue
+                scores = cls[b, 0].detach().reshape(-1)[keep].sigmoid()
+                deltas = reg[b].detach().permute(1, 2, 0).reshape(-1, 4)[keep]
+                anchors = self.guided_anchors(sq[keep], shape[b].detach().permute(1, 2, 0).reshape(-1, 2)[keep])
+                if 0 < nms_pre < scores.shape[0]:
+                    scores, order = scores.topk(nms_pre)
+                    deltas, anchors = deltas[order], anchors[order]
+                boxes = self.box_coder.decode(anchors, deltas, max_shape=img_size)
+                if self.min_bbox_size >= 0:
+                    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+                    big = (w > self.min_bbox_size) & (h > self.min_bbox_size)
+                    boxes, scores = boxes[big], scores[big]
+                kept = nms(boxes, scores, self.nms_iou)[:nms_post]
+                per_level.append(torch.cat([boxes[kept], scores[kept, None]], dim=1))
+            if not per_level:
+                results.append(cls_scores[0].new_zeros(0, 5))
+                continue
+            props = torch.cat(per_level)
+            top = props[:, 4].topk(min(max_per_img, props.shape[0])).indices
+            results.append(props[top])
+        return results

@@ -1,0 +1,139 @@
+"""Region Proposal Network (Ren et al. 2015) with mmdetection 3.3.0's ``RPNHead`` behaviour and
+parameter names (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), defaults from the HTC / Cascade configs."""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.anchors import AnchorGenerator, anchor_inside_flags
+from ..layers.assigners import MaxIoUAssigner
+from ..layers.box_coder import BoxCoder
+from ..layers.losses import binary_cross_entropy, smooth_l1_loss
+from ..layers.nms import batched_nms
+from ..layers.samplers import RandomSampler
+from .base import anchor_targets, flatten_levels, pad_size_of
+
+
+class RPN(nn.Module):
+    """3x3 conv + ReLU shared over levels, then per-anchor objectness (sigmoid) and box deltas.
+
+    ``forward(feats) -> (cls_scores, bbox_preds)``, lists over levels of (B, A, H, W) and (B, 4A, H, W).
+    """
+
+    def __init__(self, in_channels: int = 256, feat_channels: int = 256,
+                 strides: Sequence[int] = (4, 8, 16, 32, 64), anchor_scales: Sequence[float] = (8,),
+                 anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                 target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+                 target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
+                 match_low_quality: bool = True, ignore_iof_thr: float = -1.0, allowed_border: int = 0,
+                 sampler_num: int | None = 256, sampler_pos_fraction: float = 0.5,
+                 loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0 / 9.0,
+                 train_nms_pre: int = 2000, train_max_per_img: int = 2000,
+                 test_nms_pre: int = 1000, test_max_per_img: int = 1000,
+                 nms_iou: float = 0.7, min_bbox_size: float = 0.0) -> None:
+        super().__init__()
+        self.strides = tuple(strides)
+        self.anchor_generator = AnchorGenerator(strides, anchor_ratios, scales=anchor_scales)
+        self.num_anchors = self.anchor_generator.num_base_anchors
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
+        self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
+        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):  # mmdet: Normal(std=0.01) on every Conv2d
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+        self.box_coder = BoxCoder(target_means, target_stds)
+        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=match_low_quality,
+                                       ignore_iof_thr=ignore_iof_thr)
+        self.sampler_pos_fraction = sampler_pos_fraction
+        self.sampler = RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=False)
+        self.allowed_border = allowed_border
+        self.loss_cls_weight = loss_cls_weight
+        self.loss_bbox_weight = loss_bbox_weight
+        self.smooth_l1_beta = smooth_l1_beta
+        self.train_nms_pre, self.train_max_per_img = train_nms_pre, train_max_per_img
+        self.test_nms_pre, self.test_max_per_img = test_nms_pre, test_max_per_img
+        self.nms_iou = nms_iou
+        self.min_bbox_size = min_bbox_size
+
+    def keep_all_samples(self) -> None:
+        """Keep every positive and negative anchor (deterministic losses, mmdet with a huge sampler budget)."""
+        self.sampler = RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=False)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        cls_scores, bbox_preds = [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            cls_scores.append(self.rpn_cls(x))
+            bbox_preds.append(self.rpn_reg(x))
+        return cls_scores, bbox_preds
+
+    def loss(self, raw: tuple[list[Tensor], list[Tensor]], targets: list[dict],
+             img_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds = raw
+        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
+        device = cls_scores[0].device
+        anchors = torch.cat(self.anchor_generator.grid_anchors(sizes, device))
+        per_image = []
+        for target, img_size in zip(targets, img_sizes, strict=True):
+            valid = torch.cat(self.anchor_generator.valid_flags(sizes, pad_size_of(target, img_size), device))
+            inside = anchor_inside_flags(anchors, valid, img_size, self.allowed_border)
+            per_image.append(anchor_targets(anchors, inside, target, self.assigner, self.sampler, self.box_coder))
+        # mmdet normalises every level's loss by the sampled count summed over the batch
+        avg_factor = float(sum(t.avg_factor for t in per_image))
+        labels = torch.stack([t.labels for t in per_image]).flatten()
+        label_weights = torch.stack([t.label_weights for t in per_image]).flatten()
+        bbox_targets = torch.stack([t.bbox_targets for t in per_image]).reshape(-1, 4)
+        bbox_weights = torch.stack([t.bbox_weights for t in per_image]).reshape(-1, 4)
+
+        logits = flatten_levels(cls_scores, 1).reshape(-1, 1)
+        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
+        loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
+                                        avg_factor=avg_factor)
+        loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
+                                   avg_factor=avg_factor)
+        return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox}
+
+    @torch.no_grad()
+    def proposals(self, raw: tuple[list[Tensor], list[Tensor]], img_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        cls_scores, bbox_preds = raw
+        nms_pre = self.train_nms_pre if self.training else self.test_nms_pre
+        max_per_img = self.train_max_per_img if self.training else self.test_max_per_img
+        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
+        anchors = self.anchor_generator.grid_anchors(sizes, cls_scores[0].device)
+        results = []
+        for b, img_size in enumerate(img_sizes):
+            level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
+            for level, (cls, reg, anc) in enumerate(zip(cls_scores, bbox_preds, anchors, strict=True)):
+                scores = cls[b].detach().permute(1, 2, 0).reshape(-1).sigmoid()
+                deltas = reg[b].detach().permute(1, 2, 0).reshape(-1, 4)
+                if 0 < nms_pre < scores.shape[0]:
+                    # mmdet sorts (not topk): the same order among tied scores
+                    scores, order = scores.sort(descending=True)
+                    scores, order = scores[:nms_pre], order[:nms_pre]
+                    deltas, anc = deltas[order], anc[order]
+                level_scores.append(scores)
+                level_deltas.append(deltas)
+                level_anchors.append(anc)
+                level_ids.append(torch.full_like(scores, level, dtype=torch.long))
+            scores = torch.cat(level_scores)
+            boxes = self.box_coder.decode(torch.cat(level_anchors), torch.cat(level_deltas), max_shape=img_size)
+            results.append(nms_per_level(boxes, scores, torch.cat(level_ids), self.min_bbox_size, self.nms_iou,
+                                         max_per_img))
+        return results
+
+
+def nms_per_level(boxes: Tensor, scores: Tensor, level_ids: Tensor, min_bbox_size: float, iou: float,
+                  max_per_img: int) -> Tensor:
+    """mmdet ``RPNHead._bbox_post_process``: drop boxes not wider/taller than ``min_bbox_size`` (so with 0,
+    degenerate boxes go), NMS with the level as the class, keep the best ``max_per_img``. (N, 5) out."""
+    if min_bbox_size >= 0:
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = (w > min_bbox_size) & (h > min_bbox_size)
+        boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros(0, 5)
+    keep = batched_nms(boxes, scores, level_ids, iou)[:max_per_img]
+    return torch.cat([boxes[keep], scores[keep, None]], dim=1)

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from htc_lightning.models.layers.roi_extractor import MultiLevelRoIAlign
+
+FIXTURE = Path(__file__).parent / "fixtures" / "layers" / "mmdet_layers.pt"
+STRIDES = [4, 8, 16, 32]
+
+
+def _square(side: float, batch: int = 0) -> list[float]:
+    return [float(batch), 10.0, 10.0, 10.0 + side, 10.0 + side]
+
+
+def _pyramid(seed: int = 0, batch: int = 2, channels: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, 256 // s, 320 // s, generator=gen) for s in STRIDES]
+
+
+@pytest.mark.parametrize("side, level", [
+    (8.0, 0), (111.0, 0), (112.0, 1), (223.0, 1), (224.0, 2), (448.0, 3), (2000.0, 3),
+])
+def test_map_roi_levels_by_sqrt_area(side, level):
+    extractor = MultiLevelRoIAlign(7, STRIDES)
+    assert extractor.map_roi_levels(torch.tensor([_square(side)]), 4).item() == level
+
+
+def test_map_roi_levels_uses_geometric_mean_of_width_and_height():
+    extractor = MultiLevelRoIAlign(7, STRIDES)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 448.0, 28.0], [0.0, 0.0, 0.0, 448.0, 29.0]])  # sqrt = 112 and 114
+    assert extractor.map_roi_levels(rois, 4).tolist() == [1, 1]
+    rois = torch.tensor([[0.0, 0.0, 0.0, 400.0, 30.0]])  # sqrt(12000) = 109.5
+    assert extractor.map_roi_levels(rois, 4).tolist() == [0]
+
+
+def test_forward_equals_roi_align_on_each_rois_level():
+    feats = _pyramid()
+    gen = torch.Generator().manual_seed(1)
+    xy = torch.rand(30, 2, generator=gen) * 200
+    wh = torch.rand(30, 2, generator=gen) * 300 + 2
+    rois = torch.cat([torch.randint(0, 2, (30, 1), generator=gen).float(), xy, xy + wh], 1)
+    extractor = MultiLevelRoIAlign(7, STRIDES)
+    levels = extractor.map_roi_levels(rois, 4)
+    out = extractor(feats, rois)
+    assert out.shape == (30, 3, 7, 7)
+    assert len(set(levels.tolist())) > 2
+    for i in range(30):
+        lvl = int(levels[i])
+        expected = roi_align(feats[lvl], rois[i:i + 1], (7, 7), 1.0 / STRIDES[lvl], 0, True)
+        assert torch.allclose(out[i:i + 1], expected, atol=1e-6)
+
+
+def test_forward_uses_only_the_first_len_strides_features():
+    feats = _pyramid() + [torch.full((2, 3, 4, 5), float("nan"))]
+    rois = torch.tensor([_square(2000.0, batch=1)])
+    out = MultiLevelRoIAlign(7, STRIDES)(feats, rois)
+    assert torch.isfinite(out).all()
+
+
+def test_single_stride_is_plain_roi_align():
+    feat = torch.randn(1, 4, 32, 40)
+    rois = torch.tensor([_square(20.0), _square(300.0)])
+    out = MultiLevelRoIAlign(14, [8])([feat], rois)
+    assert torch.equal(out, roi_align(feat, rois, (14, 14), 1 / 8, 0, True))
+
+
+def test_empty_rois_give_empty_output_connected_to_the_graph():
+    feats = [f.requires_grad_() for f in _pyramid()]
+    out = MultiLevelRoIAlign(7, STRIDES)(feats, torch.zeros(0, 5))
+    assert out.shape == (0, 3, 7, 7)
+    out.sum().backward()
+    assert all(f.grad is not None for f in feats)
+
+
+def test_every_level_gets_a_gradient_even_when_unused():
+    feats = [f.requires_grad_() for f in _pyramid()]
+    MultiLevelRoIAlign(7, STRIDES)(feats, torch.tensor([_square(20.0)])).sum().backward()
+    assert all(f.grad is not None for f in feats)
+
+
+def test_fp16_features_pool_in_fp16_but_map_levels_in_fp32():
+    feats = [f.half() for f in _pyramid()]
+    # sqrt(w*h) just under 112: level 0 in fp32, but fp16 rounds 111.97 to 112 (level 1)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 111.97, 111.97]])
+    assert torch.tensor(111.97).half().item() == 112.0
+    out = MultiLevelRoIAlign(7, STRIDES)(feats, rois)
+    assert out.dtype == torch.float16
+    expected = roi_align(feats[0], rois.half(), (7, 7), 1 / 4, 0, True)
+    assert torch.equal(out, expected)
+
+
+def test_too_few_feature_maps_is_an_error():
+    with pytest.raises(ValueError, match="2 feature maps for 4 strides"):
+        MultiLevelRoIAlign(7, STRIDES)(_pyramid()[:2], torch.tensor([_square(20.0)]))
+
+
+def test_matches_mmdet_single_roi_extractor():
+    ref = torch.load(FIXTURE, weights_only=False)["roi_extractor"]
+    extractor = MultiLevelRoIAlign(7, STRIDES)
+    assert torch.equal(extractor.map_roi_levels(ref["rois"], 4), ref["levels"])
+    assert torch.allclose(extractor(ref["feats"], ref["rois"]), ref["pooled"], atol=1e-6)

@@ -1,0 +1,163 @@
+"""Plain RPN: parity with mmdetection 3.3.0 (oracle dumps) and behaviour on tiny hand-made inputs."""
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from htc_lightning.models.proposals import RPN
+from htc_lightning.models.proposals.rpn import nms_per_level
+
+ORACLE = Path(__file__).parent / "fixtures" / "oracle"
+FIXTURES = Path(__file__).parent / "fixtures" / "rpn"
+RPN_DUMPS = ["tiny_cascade_s0", "tiny_cascade_s1", "tiny_htc_s0", "tiny_htc_s3", "tiny_htc_nosem_s0"]
+
+
+def load_oracle(name: str) -> dict:
+    path = ORACLE / f"{name}.pt"
+    if not path.exists():
+        pytest.skip(f"oracle dump {path} not generated")
+    return torch.load(path, weights_only=False)
+
+
+def head_weights(state_dict: dict, prefix: str = "rpn_head.") -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def assert_same_proposal_set(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same boxes and scores up to order (ties may reorder): a one-to-one match by IoU and score."""
+    assert ours.shape == ref.shape
+    iou = box_iou(ours[:, :4], ref[:, :4])
+    iou = torch.where((ours[:, None, 4] - ref[None, :, 4]).abs() <= 1e-4, iou, torch.zeros_like(iou))
+    best, match = iou.max(dim=1)
+    assert best.min() > 0.99
+    assert match.unique().numel() == ref.shape[0]
+
+
+def tiny_targets(boxes: list[list[float]], size: tuple[int, int]) -> dict:
+    b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long), "meta": {"pad_size": size, "img_size": size}}
+
+
+@pytest.mark.parametrize("name", RPN_DUMPS)
+def test_raw_outputs_and_proposals_match_mmdet(name):
+    d = load_oracle(name)
+    head = RPN(32, 32, test_nms_pre=1000, test_max_per_img=1000).eval()
+    head.load_state_dict(head_weights(d["state_dict"]), strict=True)
+    with torch.no_grad():
+        raw = head(d["fpn"])
+    for ours_levels, ref_levels in zip(raw, d["rpn_raw"], strict=True):
+        for ours, ref in zip(ours_levels, ref_levels, strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    img_size = tuple(d["img_metas"][0]["img_shape"])
+    assert_same_proposal_set(head.proposals(raw, [img_size])[0], d["proposals"][0])
+
+
+def test_training_losses_match_mmdet_with_all_samples_kept():
+    d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
+    head = RPN(32, 32).train()
+    head.keep_all_samples()
+    targets = [tiny_targets(d["boxes"].tolist(), d["img_size"])]
+    losses = head.loss(tuple(d["raw"]), targets, [d["img_size"]])
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}
+    for key, value in losses.items():
+        assert value.item() == pytest.approx(d["losses"][key], rel=1e-4), key
+
+
+def test_training_proposals_use_train_settings_and_match_mmdet():
+    d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
+    cfg = d["rpn_proposal_cfg"]
+    head = RPN(32, 32, train_nms_pre=cfg["nms_pre"], train_max_per_img=cfg["max_per_img"], nms_iou=cfg["nms_iou"],
+               test_nms_pre=10, test_max_per_img=10).train()
+    props = head.proposals(tuple(d["raw"]), [d["img_size"]])[0]
+    assert_same_proposal_set(props, d["train_proposals"])
+
+
+def test_state_dict_keys_are_mmdets():
+    assert set(RPN(32, 32).state_dict()) == {"rpn_conv.weight", "rpn_conv.bias", "rpn_cls.weight", "rpn_cls.bias",
+                                             "rpn_reg.weight", "rpn_reg.bias"}
+
+
+def test_proposals_are_detached_and_capped_by_max_per_img():
+    torch.manual_seed(0)
+    head = RPN(8, 8, test_nms_pre=50, test_max_per_img=7).eval()
+    feats = [torch.randn(1, 8, 64 // s, 64 // s, requires_grad=True) for s in (4, 8, 16, 32, 64)]
+    props = head.proposals(head(feats), [(64, 64)])[0]
+    assert props.shape == (7, 5)
+    assert not props.requires_grad
+    assert torch.all(props[:-1, 4] >= props[1:, 4])
+
+
+def test_degenerate_boxes_are_dropped_with_min_bbox_size_zero():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.0, 20.0], [30.0, 30.0, 40.0, 40.0]])
+    out = nms_per_level(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long), 0.0, 0.7, 10)
+    torch.testing.assert_close(out[:, :4], boxes[[0, 2]])
+
+
+def test_nms_runs_per_level():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    same_level = nms_per_level(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 0]), 0.0, 0.7, 10)
+    two_levels = nms_per_level(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.0, 0.7, 10)
+    assert len(same_level) == 1 and len(two_levels) == 2
+
+
+def test_batch_gives_each_image_its_own_proposals():
+    torch.manual_seed(1)
+    head = RPN(8, 8, test_nms_pre=100, test_max_per_img=50).eval()
+    feats = [torch.randn(3, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
+    sizes = [(64, 64), (48, 64), (64, 40)]
+    batched = head.proposals(head(feats), sizes)
+    for i, size in enumerate(sizes):
+        alone = head.proposals(head([f[i:i + 1] for f in feats]), [size])[0]
+        torch.testing.assert_close(batched[i], alone)
+
+
+def test_keep_all_samples_makes_the_loss_deterministic():
+    torch.manual_seed(2)
+    head = RPN(8, 8).train()
+    feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
+    raw = head(feats)
+    targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0], [30.0, 20.0, 60.0, 60.0]], (64, 64))]
+    head.keep_all_samples()
+    first = head.loss(raw, targets, [(64, 64)])
+    second = head.loss(raw, targets, [(64, 64)])
+    for key in first:
+        assert first[key].item() == second[key].item()
+
+
+def test_loss_decreases_over_a_few_steps():
+    torch.manual_seed(3)
+    head = RPN(8, 8).train()
+    head.keep_all_samples()
+    feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
+    targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0], [30.0, 20.0, 60.0, 60.0]], (64, 64))]
+    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+    totals = []
+    for _ in range(10):
+        loss = sum(head.loss(head(feats), targets, [(64, 64)]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(loss.item())
+    assert totals[-1] < 0.5 * totals[0]
+
+
+def test_image_without_boxes_gives_finite_losses():
+    torch.manual_seed(4)
+    head = RPN(8, 8).train()
+    feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
+    losses = head.loss(head(feats), [tiny_targets([], (64, 64))], [(64, 64)])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_rpn_bbox"].item() == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loss_and_proposals_run_on_cuda():
+    torch.manual_seed(5)
+    head = RPN(8, 8).cuda().train()
+    feats = [torch.randn(2, 8, 64 // s, 64 // s, device="cuda") for s in (4, 8, 16, 32, 64)]
+    targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0]], (64, 64)), tiny_targets([[30.0, 20.0, 60.0, 60.0]], (64, 64))]
+    targets = [{**t, "boxes": t["boxes"].cuda()} for t in targets]
+    raw = head(feats)
+    sum(head.loss(raw, targets, [(64, 64)] * 2).values()).backward()
+    assert all(p.device.type == "cuda" for p in head.proposals(raw, [(64, 64)] * 2))
