@@ -45,3 +45,12 @@ def test_model_zoo_files_load_with_their_meta_but_arbitrary_pickles_are_refused(
         pickle.dump({"state_dict": {}, "meta": _Evil()}, f)
     with pytest.raises(ValueError, match="evil.pth"):
         read_checkpoint(bad)
+
+
+def test_mask_rcnn_single_heads_map_onto_our_one_stage_lists():
+    sd = {k: torch.zeros(1) for k in ["roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.shared_fcs.0.bias",
+                                      "roi_head.mask_head.convs.2.conv.weight", "roi_head.mask_head.upsample.weight",
+                                      "bbox_head.conv_loc.weight"]}
+    assert sorted(convert_mmdet_state_dict(sd)) == sorted([
+        "roi_head.bbox_head.0.fc_cls.weight", "roi_head.bbox_head.0.shared_fcs.0.bias",
+        "roi_head.mask_head.0.convs.2.weight", "roi_head.mask_head.0.upsample.weight", "rpn_head.conv_loc.weight"])

@@ -15,15 +15,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-# (pattern, replacement) applied with re.sub, first match wins.
+# (pattern, replacement) applied with re.sub, every rule in order.
 KEY_RULES: list[tuple[str, str]] = [
+    # mmdet's proposal-only detector (``RPN``) calls its head ``bbox_head``
+    (r"^bbox_head\.", "rpn_head."),
+    # Mask R-CNN has one box and one mask head, not lists: ours are lists of one
+    (r"^roi_head\.(bbox_head|mask_head)\.(?!\d)", r"roi_head.\1.0."),
     # FPN: ConvModule lateral and output convolutions
     (r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.", r"neck.\1.\2."),
-    # GA-RPN / RPN heads use plain convs in mmdet already (rpn_conv, conv_loc, feature_adaption.*)
     # FCN mask heads: the 4 convs and HTC's conv_res
     (r"^roi_head\.mask_head\.(\d+)\.(convs\.\d+|conv_res)\.conv\.", r"roi_head.mask_head.\1.\2."),
-    # Mask R-CNN (a single mask head, not a list)
-    (r"^roi_head\.mask_head\.(convs\.\d+)\.conv\.", r"roi_head.mask_head.\1."),
     # HTC's fused semantic head
     (r"^roi_head\.semantic_head\.(lateral_convs\.\d+|convs\.\d+|conv_embedding)\.conv\.",
      r"roi_head.semantic_head.\1."),
@@ -53,9 +54,7 @@ def convert_mmdet_state_dict(state_dict: dict[str, Tensor], checkpoint_format: L
     for key, value in state_dict.items():
         new = key
         for pattern, repl in KEY_RULES:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
+            new = re.sub(pattern, repl, new)
         if checkpoint_format == "v1":
             value = _v1_to_v2(new, value, num_classes)
         out[new] = value

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from ..checkpoints.mmdet import load_mmdet_checkpoint
-from ..models.detector import Detector
+from ..models.detector import Detector, proposals_to_detections
 from ..structures import ImageMeta
 
 ATOL = 1e-4
@@ -70,7 +70,7 @@ def build_detector(config: str, overrides: Sequence[str] = ()) -> Detector:
         key, value = kv.split("=", 1)
         args += [f"--detector.{key}", value]
     parsed = parser.parse_args(args)
-    return parser.instantiate_classes(parsed).detector
+    return parser.instantiate(parsed).detector
 
 
 def metas_from_dump(dump: dict) -> list[ImageMeta]:
@@ -131,6 +131,10 @@ def compare_inference(det: Detector, dump: dict, rep: Report) -> None:
             for lvl, (o, r) in enumerate(zip(ours_lvls, ref_lvls)):
                 _compare(rep, f"rpn_raw[{k}] level {lvl}", o, r)
         props = det.rpn_head.proposals(raw, img_sizes)
+        if det.roi_head is None:
+            # mmdet's proposal-only detector rescales its proposals to the original image
+            props = [torch.cat([(d := proposals_to_detections(p, m)).boxes, d.scores[:, None]], 1)
+                     for p, m in zip(props, metas)]
         for i, (p, r) in enumerate(zip(props, dump["proposals"])):
             pairs = _match_boxes(p[:, :4], p[:, 4], r[:, :4], r[:, 4])
             # ties at the cut-off may swap the last few proposals; everything else must match
@@ -201,7 +205,7 @@ def compare_losses(det: Detector, dump: dict, rep: Report) -> None:
             rep.check(f"loss {name}", False, f"ours {float(value):.6f}, no mmdet counterpart")
             continue
         used.add(ref_name)
-        ours, theirs = float(value), float(ref[ref_name])
+        ours, theirs = float(value.detach()), float(ref[ref_name])
         ok = abs(ours - theirs) <= LOSS_ATOL + LOSS_RTOL * abs(theirs)
         rel = abs(ours - theirs) / max(abs(theirs), 1e-12)
         rep.check(f"loss {name}", ok, f"ours {ours:.6f} mmdet {theirs:.6f} rel diff {rel:.2e}")

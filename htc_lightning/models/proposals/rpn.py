@@ -1,6 +1,7 @@
 """Region Proposal Network (Ren et al. 2015) with mmdetection 3.3.0's ``RPNHead`` behaviour and
 parameter names (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), defaults from the HTC / Cascade configs."""
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
-from ..layers.losses import binary_cross_entropy, smooth_l1_loss
+from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.nms import batched_nms
 from ..layers.samplers import RandomSampler
 from .base import anchor_targets, flatten_levels, pad_size_of
@@ -32,8 +33,12 @@ class RPN(nn.Module):
                  loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0 / 9.0,
                  train_nms_pre: int = 2000, train_max_per_img: int = 2000,
                  test_nms_pre: int = 1000, test_max_per_img: int = 1000,
-                 nms_iou: float = 0.7, min_bbox_size: float = 0.0) -> None:
+                 nms_iou: float = 0.7, min_bbox_size: float = 0.0,
+                 bbox_loss: Literal["smooth_l1", "l1"] = "smooth_l1") -> None:
         super().__init__()
+        if bbox_loss not in ("smooth_l1", "l1"):
+            raise ValueError(f"RPN: bbox_loss {bbox_loss!r} is not 'smooth_l1' (HTC/Cascade) or 'l1' (Mask R-CNN)")
+        self.bbox_loss = bbox_loss
         self.strides = tuple(strides)
         self.anchor_generator = AnchorGenerator(strides, anchor_ratios, scales=anchor_scales)
         self.num_anchors = self.anchor_generator.num_base_anchors
@@ -92,8 +97,11 @@ class RPN(nn.Module):
         deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
         loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
                                         avg_factor=avg_factor)
-        loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
-                                   avg_factor=avg_factor)
+        if self.bbox_loss == "l1":
+            loss_bbox = l1_loss(deltas, bbox_targets, weight=bbox_weights, avg_factor=avg_factor)
+        else:
+            loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
+                                       avg_factor=avg_factor)
         return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox}
 
     @torch.no_grad()

@@ -1,0 +1,325 @@
+"""Hybrid Task Cascade RoI head (Chen et al., CVPR 2019) and, with its flags off, Cascade Mask R-CNN
+(Cai & Vasconcelos) or (``num_stages=1``) Mask R-CNN. The paper's ablation ladder is a set of flags:
+
+    Cascade Mask R-CNN   interleaved=False, mask_info_flow=False, semantic_head=None
+    + interleaved        interleaved=True
+    + mask info flow     mask_info_flow=True
+    + semantic branch    semantic_head=FusedSemanticHead(...)   (= HTC)
+
+Submodule names follow mmdet's ``HybridTaskCascadeRoIHead`` so that its checkpoints load key for key.
+"""
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...structures import Detections, ImageMeta
+from ..layers.assigners import MaxIoUAssigner
+from ..layers.masks import paste_masks
+from ..layers.nms import multiclass_nms
+from ..layers.roi_extractor import MultiLevelRoIAlign
+from ..layers.samplers import RandomSampler, SamplingResult
+from .bbox_head import Shared2FCBBoxHead
+from .mask_head import FCNMaskHead
+from .semantic_head import FusedSemanticHead
+
+_NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
+
+
+def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image (N_i, 4+) boxes -> (sum N_i, 5) RoIs whose first column is the image index."""
+    rois = [torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1) for i, b in enumerate(boxes)]
+    return torch.cat(rois) if rois else torch.zeros(0, 5)
+
+
+class HTCRoIHead(nn.Module):
+    """Args (mmdet's names and defaults; ``htc_r50_fpn_1x_coco`` sets ``score_thr=0.001``):
+        num_stages, stage_loss_weights, iou_thresholds, target_stds: one entry per cascade stage (assigner
+            IoU for pos = neg = min_pos, box-delta stds, weight on that stage's box and mask losses).
+        interleaved: train stage t's mask head on the boxes regressed by box head t, re-assigned and re-sampled
+            (HTC Sec. 3.1); otherwise on the positives of the box sample (Cascade Mask R-CNN).
+        mask_info_flow: feed mask head t-1's last conv feature into mask head t (HTC Sec. 3.2).
+        semantic_head: the fused semantic branch (HTC Sec. 3.3); its feature, RoIAligned at ``semantic_stride``,
+            is added to the box (avg-pooled to ``roi_feat_size``) and/or mask RoI features per ``semantic_fusion``.
+        mask_merge: test-time mask of the cascade: "mean" of the stages' sigmoid maps (mmdet 2.x, the published
+            HTC AP; also what mmdet 3.3.0's Cascade Mask R-CNN does) or "last" stage only (mmdet 3.3.0's HTC).
+        match_low_quality: mmdet's HTC configs leave the MaxIoUAssigner default (True); the Cascade Mask R-CNN
+            configs set False. With min_pos_iou = pos_iou_thr it only re-assigns a box to the gt it fits best.
+        ignore_iof_thr: crowd boxes make candidates whose IoF with them exceeds it "ignore"; -1 (mmdet's
+            R-CNN configs) does not use crowd boxes in the second stage.
+        nms_type: "nms", "soft_nms_linear" or "soft_nms_gaussian" (the COCO 2018 entry used Soft-NMS).
+        reg_class_agnostic: one box regression for all classes (every cascade config); False gives Mask
+            R-CNN's per-class regressor (``num_stages=1``, interleaved and mask_info_flow off).
+        bbox_loss: "smooth_l1" (beta 1, the HTC/Cascade configs) or "l1" (mmdet's Mask R-CNN config).
+    """
+
+    def __init__(self, num_classes: int = 80, in_channels: int = 256, num_stages: int = 3,
+                 stage_loss_weights: Sequence[float] = (1, 0.5, 0.25),
+                 iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
+                 target_stds: Sequence[Sequence[float]] = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
+                                                          (0.033, 0.033, 0.067, 0.067)),
+                 featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_feat_size: int = 7,
+                 fc_out_channels: int = 1024, with_mask: bool = True, mask_roi_size: int = 14,
+                 mask_conv_channels: int = 256, num_mask_convs: int = 4, mask_size: int = 28,
+                 interleaved: bool = True, mask_info_flow: bool = True,
+                 semantic_head: FusedSemanticHead | None = None, semantic_fusion: tuple[str, ...] = ("bbox", "mask"),
+                 semantic_stride: int = 8, mask_merge: Literal["mean", "last"] = "mean",
+                 sampler_num: int = 512, sampler_pos_fraction: float = 0.25, match_low_quality: bool = True,
+                 ignore_iof_thr: float = -1.0, score_thr: float = 0.05, nms_iou: float = 0.5,
+                 max_per_img: int = 100, mask_thr: float = 0.5, nms_type: str = "nms", soft_nms_sigma: float = 0.5,
+                 soft_nms_min_score: float = 1e-3, loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0,
+                 loss_mask_weight: float = 1.0, reg_class_agnostic: bool = True,
+                 bbox_loss: Literal["smooth_l1", "l1"] = "smooth_l1") -> None:
+        super().__init__()
+        for name, seq in (("stage_loss_weights", stage_loss_weights), ("iou_thresholds", iou_thresholds),
+                          ("target_stds", target_stds)):
+            if len(seq) != num_stages:
+                raise ValueError(f"HTCRoIHead: {name} has {len(seq)} entries for num_stages={num_stages}")
+        if mask_info_flow and not with_mask:
+            raise ValueError("HTCRoIHead: mask_info_flow=True needs with_mask=True")
+        if mask_merge not in ("mean", "last"):
+            raise ValueError(f"HTCRoIHead: mask_merge {mask_merge!r} is not 'mean' or 'last'")
+        if nms_type not in _NMS_TYPES:
+            raise ValueError(f"HTCRoIHead: nms_type {nms_type!r} is not one of {_NMS_TYPES}")
+        unknown = set(semantic_fusion) - {"bbox", "mask"}
+        if unknown:
+            raise ValueError(f"HTCRoIHead: semantic_fusion {tuple(semantic_fusion)} may only hold 'bbox'/'mask'")
+        self.num_classes = num_classes
+        self.num_stages = num_stages
+        self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
+        self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
+        self.with_mask = with_mask
+        self.interleaved = interleaved
+        self.mask_info_flow = mask_info_flow
+        self.semantic_fusion = tuple(semantic_fusion)
+        self.mask_merge = mask_merge
+        self.score_thr, self.nms_iou, self.max_per_img = score_thr, nms_iou, max_per_img
+        self.mask_thr, self.nms_type = mask_thr, nms_type
+        self.soft_nms_sigma, self.soft_nms_min_score = soft_nms_sigma, soft_nms_min_score
+        self.sampler_pos_fraction = sampler_pos_fraction
+
+        self.bbox_roi_extractor = MultiLevelRoIAlign(roi_feat_size, featmap_strides)
+        self.bbox_head = nn.ModuleList(
+            Shared2FCBBoxHead(num_classes, in_channels, roi_feat_size, fc_out_channels, target_stds=stds,
+                              loss_cls_weight=loss_cls_weight, loss_bbox_weight=loss_bbox_weight,
+                              reg_class_agnostic=reg_class_agnostic, bbox_loss=bbox_loss)
+            for stds in target_stds)
+        if with_mask:
+            self.mask_roi_extractor = MultiLevelRoIAlign(mask_roi_size, featmap_strides)
+            # HTC's first mask head has no predecessor, hence no conv_res (mmdet: with_conv_res=False)
+            self.mask_head = nn.ModuleList(
+                FCNMaskHead(num_classes, in_channels, mask_conv_channels, num_mask_convs,
+                            with_conv_res=mask_info_flow and t > 0, mask_size=mask_size, loss_weight=loss_mask_weight)
+                for t in range(num_stages))
+        if semantic_head is not None:
+            self.semantic_roi_extractor = MultiLevelRoIAlign(mask_roi_size, (semantic_stride,))
+        self.semantic_head = semantic_head
+
+        self.assigners = [MaxIoUAssigner(pos_iou_thr=t, neg_iou_thr=t, min_pos_iou=t,
+                                         match_low_quality=match_low_quality, ignore_iof_thr=ignore_iof_thr)
+                          for t in self.iou_thresholds]
+        self.ignore_iof_thr = ignore_iof_thr
+        self.samplers = [RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=True)
+                         for _ in range(num_stages)]
+
+    def keep_all_samples(self) -> None:
+        """Samplers keep every candidate, as mmdet with a 10**7 budget (the oracle's loss dumps)."""
+        self.samplers = [RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=True)
+                         for _ in range(self.num_stages)]
+
+    # ---- forward pieces -------------------------------------------------------------------------------------
+    def semantic(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+        """(seg logits, fused semantic feature) at stride 8, or None without a semantic head."""
+        if self.semantic_head is None:
+            return None
+        return self.semantic_head(list(feats))
+
+    def _fuse_semantic(self, roi_feats: Tensor, rois: Tensor, semantic_feat: Tensor | None, branch: str) -> Tensor:
+        if self.semantic_head is None or branch not in self.semantic_fusion:
+            return roi_feats
+        if semantic_feat is None:
+            raise ValueError(f"HTCRoIHead: the {branch} branch fuses the semantic feature; pass semantic_feat "
+                             "(the second output of semantic(feats))")
+        sem = self.semantic_roi_extractor([semantic_feat], rois)
+        if sem.shape[-2:] != roi_feats.shape[-2:]:
+            sem = F.adaptive_avg_pool2d(sem, roi_feats.shape[-2:])
+        return roi_feats + sem
+
+    def box_stage(self, stage: int, feats: Sequence[Tensor], rois: Tensor,
+                  semantic_feat: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Box head ``stage`` on ``rois`` (K, 5): (cls_score (K, C + 1) logits, bbox_pred (K, 4) deltas)."""
+        x = self.bbox_roi_extractor(feats, rois)
+        return self.bbox_head[stage](self._fuse_semantic(x, rois, semantic_feat, "bbox"))
+
+    def _mask_feats(self, feats: Sequence[Tensor], rois: Tensor, semantic_feat: Tensor | None) -> Tensor:
+        return self._fuse_semantic(self.mask_roi_extractor(feats, rois), rois, semantic_feat, "mask")
+
+    def mask_stage(self, stage: int, feats: Sequence[Tensor], rois: Tensor,
+                   semantic_feat: Tensor | None = None) -> Tensor:
+        """Mask logits (K, C, 28, 28) of head ``stage``; with the information flow, heads 0..stage-1 run first
+        on the same RoIs and pass their features along, with gradients (HTC trains the chain jointly)."""
+        x = self._mask_feats(feats, rois, semantic_feat)
+        res = None
+        if self.mask_info_flow:
+            for i in range(stage):
+                _, res = self.mask_head[i](x, res, with_logits=False)
+        return self.mask_head[stage](x, res)[0]
+
+    def mask_probs(self, feats: Sequence[Tensor], rois: Tensor, semantic_feat: Tensor | None = None) -> Tensor:
+        """Test-time per-class mask probabilities (K, C, 28, 28) merged over stages per ``mask_merge``."""
+        x = self._mask_feats(feats, rois, semantic_feat)
+        stages = range(self.num_stages)
+        if self.mask_merge == "last" and not self.mask_info_flow:
+            stages = range(self.num_stages - 1, self.num_stages)
+        probs, res = [], None
+        for t in stages:
+            logits, feat = self.mask_head[t](x, res)
+            if self.mask_info_flow:
+                res = feat
+            probs.append(logits.sigmoid())
+        return probs[-1] if self.mask_merge == "last" else torch.stack(probs).mean(0)
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def _sample(self, stage: int, boxes: Sequence[Tensor], targets: Sequence[dict]) -> list[SamplingResult]:
+        out = []
+        for b, t in zip(boxes, targets):
+            crowd = t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None
+            if crowd is not None and len(crowd) == 0:
+                crowd = None
+            assign = self.assigners[stage].assign(b[:, :4], t["boxes"], t["labels"], crowd)
+            out.append(self.samplers[stage].sample(assign, b[:, :4], t["boxes"], t["labels"]))
+        return out
+
+    def _loss_name(self, stage: int, name: str) -> str:
+        # mmdet's Mask R-CNN (one stage) names its losses without the stage prefix
+        return name if self.num_stages == 1 else f"s{stage}.{name}"
+
+    def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
+        """``proposals``: per image (N, 4 or 5), detached. Returns mmdet's names: ``s{t}.loss_cls``,
+        ``s{t}.loss_bbox``, ``s{t}.loss_mask`` (stage weights applied), ``s{t}.acc`` (detached),
+        ``loss_semantic_seg``."""
+        if len(proposals) != len(targets):
+            raise ValueError(f"HTCRoIHead.loss: {len(proposals)} proposal sets for {len(targets)} images")
+        losses: dict[str, Tensor] = {}
+        img_sizes = [tuple(t["meta"]["img_size"]) for t in targets]
+        semantic_feat = None
+        if self.semantic_head is not None:
+            missing = [i for i, t in enumerate(targets) if t.get("semantic") is None]
+            if missing:
+                raise ValueError(f"HTCRoIHead.loss: images {missing} have no 'semantic' map, which the semantic "
+                                 "head needs (load the COCO-Stuff stuffthingmaps or drop semantic_head)")
+            seg_pred, semantic_feat = self.semantic_head(list(feats))
+            labels = torch.stack([t["semantic"] for t in targets])
+            losses["loss_semantic_seg"] = self.semantic_head.loss(seg_pred, labels)
+
+        boxes = [p[:, :4].detach() for p in proposals]
+        for t in range(self.num_stages):
+            weight = self.stage_loss_weights[t]
+            with torch.no_grad():
+                samples = self._sample(t, boxes, targets)
+            rois = boxes_to_rois([s.boxes for s in samples])
+            cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
+            head = self.bbox_head[t]
+            box_targets = head.targets(samples)
+            for name, value in head.loss(cls_score, bbox_pred, *box_targets).items():
+                losses[self._loss_name(t, name)] = value * weight if "loss" in name else value
+            refined = None
+            if self.interleaved or t < self.num_stages - 1:
+                with torch.no_grad():
+                    # a class-specific regressor refines with the gt class, else the predicted one (mmdet)
+                    labels = box_targets[0]
+                    labels = torch.where(labels == self.num_classes, cls_score[:, :-1].argmax(1), labels)
+                    refined = self._refine(t, rois, bbox_pred, labels, samples, img_sizes)
+            if self.with_mask:
+                mask_samples = samples
+                if self.interleaved:
+                    # HTC Sec. 3.1: the mask branch learns from the boxes this stage just regressed
+                    with torch.no_grad():
+                        mask_samples = self._sample(t, refined, targets)
+                pos_rois = boxes_to_rois([s.pos_boxes for s in mask_samples])
+                logits = self.mask_stage(t, feats, pos_rois, semantic_feat)
+                loss_mask = self.mask_head[t].loss(logits, mask_samples, [tg["masks"] for tg in targets])
+                losses[self._loss_name(t, "loss_mask")] = loss_mask * weight
+            if refined is not None:
+                boxes = refined
+        return losses
+
+    def _refine(self, stage: int, rois: Tensor, bbox_pred: Tensor, labels: Tensor,
+                samples: Sequence[SamplingResult], img_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """The sampled boxes regressed by box head ``stage``, minus the gt boxes the sampler added (mmdet's
+        ``refine_bboxes``): the next stage's proposals, and with interleaving this stage's mask candidates."""
+        regressed = self.bbox_head[stage].regress(rois, bbox_pred.detach(), img_sizes, labels)
+        out = []
+        for i, s in enumerate(samples):
+            b = regressed[rois[:, 0] == i]
+            keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
+            keep[:len(s.pos_is_gt)] = ~s.pos_is_gt.bool()
+            out.append(b[keep])
+        return out
+
+    # ---- inference ------------------------------------------------------------------------------------------
+    def refine_and_score(self, feats: Sequence[Tensor], rois: Tensor, img_sizes: Sequence[tuple[int, int]],
+                         semantic_feat: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The test-time cascade on ``rois`` (K, 5): regress between stages (clipped to each image), average the
+        stages' class logits, softmax; decode with the last stage. Returns (scores (K, C + 1), boxes (K, 4), or
+        (K, C, 4) with a class-specific regressor)."""
+        ms_logits = []
+        for t in range(self.num_stages):
+            cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
+            ms_logits.append(cls_score.float())
+            if t < self.num_stages - 1:
+                labels = cls_score[:, :-1].argmax(1)
+                rois = torch.cat([rois[:, :1], self.bbox_head[t].regress(rois, bbox_pred, img_sizes, labels)], 1)
+        boxes = self.bbox_head[-1].regress(rois, bbox_pred, img_sizes)
+        scores = F.softmax(torch.stack(ms_logits).mean(0), dim=-1)
+        return scores, boxes.view(len(boxes), -1, 4).squeeze(1)
+
+    def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], metas: Sequence[ImageMeta],
+                rescale: bool = True) -> list[Detections]:
+        """Detections per image; with ``rescale`` boxes and masks are in the original frame (``orig_size``),
+        else in the resized frame (``img_size``). Labels are 0..num_classes-1."""
+        img_sizes = [tuple(m["img_size"]) for m in metas]
+        sem = self.semantic(feats)
+        semantic_feat = None if sem is None else sem[1]
+        rois = boxes_to_rois([p[:, :4] for p in proposals]).to(feats[0].device)
+        dets: list[tuple[Tensor, Tensor, Tensor]] = []
+        if rois.shape[0]:
+            scores, boxes = self.refine_and_score(feats, rois, img_sizes, semantic_feat)
+        for i, meta in enumerate(metas):
+            if rois.shape[0] == 0:
+                dets.append((rois.new_zeros(0, 4), rois.new_zeros(0), torch.zeros(0, dtype=torch.long,
+                                                                                   device=rois.device)))
+                continue
+            sel = rois[:, 0] == i
+            b, s = boxes[sel], scores[sel, :-1]
+            if rescale and not self.with_mask:
+                # mmdet rescales before the NMS only when no mask branch rescales after it
+                b = b / self._scale(meta, b)
+            kb, ks, kl, _ = multiclass_nms(b, s, self.score_thr, self.nms_iou, self.max_per_img, self.nms_type,
+                                           self.soft_nms_sigma, self.soft_nms_min_score)
+            dets.append((kb, ks, kl))
+        if not self.with_mask:
+            return [Detections(b, s, lab) for b, s, lab in dets]
+
+        mask_rois = boxes_to_rois([d[0] for d in dets]).to(feats[0].device)
+        probs = self.mask_probs(feats, mask_rois, semantic_feat) if mask_rois.shape[0] else None
+        results = []
+        for i, (meta, (b, s, lab)) in enumerate(zip(metas, dets)):
+            h, w = (meta["orig_size"] if rescale else meta["img_size"])
+            if rescale:
+                b = b / self._scale(meta, b)
+            if len(b) == 0:
+                masks = torch.zeros(0, h, w, dtype=torch.bool, device=b.device)
+            else:
+                p = probs[mask_rois[:, 0] == i]
+                p = p[torch.arange(len(p), device=p.device), lab]
+                masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
+            results.append(Detections(b, s, lab, masks))
+        return results
+
+    @staticmethod
+    def _scale(meta: ImageMeta, like: Tensor) -> Tensor:
+        sx, sy = meta.get("scale_factor", (1.0, 1.0))
+        return like.new_tensor([sx, sy, sx, sy])

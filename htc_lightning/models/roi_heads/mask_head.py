@@ -1,0 +1,68 @@
+"""The mask head of one cascade stage: mmdet's ``FCNMaskHead`` (Mask R-CNN, He et al. 2017) and, with
+``with_conv_res``, ``HTCMaskHead`` (the mask information flow of HTC, Chen et al. 2019, Sec. 3.2)."""
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.losses import mask_cross_entropy
+from ..layers.masks import mask_targets
+from ..layers.samplers import SamplingResult
+
+
+class FCNMaskHead(nn.Module):
+    """``num_convs`` × (3×3 conv + ReLU) -> 2× ``upsample`` (deconv + ReLU) -> ``conv_logits`` (1×1, one
+    channel per class). ``with_conv_res`` adds HTC's ``conv_res`` (1×1 conv + ReLU) that maps the previous
+    stage's last conv feature into this head's input: ``x + relu(conv_res(r))``.
+
+    ``forward`` returns (logits or ``None``, feature) where the feature is the last conv's output (after its
+    ReLU, before the deconv): what the next stage's ``conv_res`` consumes.
+    """
+
+    def __init__(self, num_classes: int = 80, in_channels: int = 256, conv_channels: int = 256,
+                 num_convs: int = 4, with_conv_res: bool = False, mask_size: int = 28,
+                 loss_weight: float = 1.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.mask_size = mask_size
+        self.loss_weight = loss_weight
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1)
+                                   for i in range(num_convs))
+        last = conv_channels if num_convs else in_channels
+        self.with_conv_res = with_conv_res
+        if with_conv_res:
+            self.conv_res = nn.Conv2d(conv_channels, conv_channels, 1)
+        self.upsample = nn.ConvTranspose2d(last, conv_channels, 2, stride=2)
+        self.conv_logits = nn.Conv2d(conv_channels, num_classes, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # mmcv's ConvModule and FCNMaskHead.init_weights: Kaiming-normal (fan_out, relu), zero bias
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, res_feat: Tensor | None = None,
+                with_logits: bool = True) -> tuple[Tensor | None, Tensor]:
+        if res_feat is not None:
+            if not self.with_conv_res:
+                raise ValueError("FCNMaskHead: got the previous stage's feature (mask information flow) but this "
+                                 "head was built with with_conv_res=False")
+            x = x + torch.relu(self.conv_res(res_feat))
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        feat = x
+        if not with_logits:
+            return None, feat
+        return self.conv_logits(torch.relu(self.upsample(x))), feat
+
+    def loss(self, mask_logits: Tensor, samples: Sequence[SamplingResult], gt_masks: Sequence[Tensor]) -> Tensor:
+        """BCE on each positive's gt-class channel against its gt mask RoIAligned to ``mask_size`` and binarised,
+        averaged over positives and pixels (mmdet ``CrossEntropyLoss(use_mask=True)``)."""
+        if mask_logits.shape[0] == 0:
+            return mask_logits.sum() * 0
+        targets = torch.cat([mask_targets(s.pos_boxes, s.pos_assigned_gt_inds, m, self.mask_size)
+                             for s, m in zip(samples, gt_masks) if len(s.pos_boxes)])
+        labels = torch.cat([s.pos_gt_labels for s in samples if len(s.pos_boxes)])
+        return self.loss_weight * mask_cross_entropy(mask_logits, targets, labels)
