@@ -1,0 +1,203 @@
+"""CocoDataModule: COCO-format folders -> padded batches in the format of ``htc_lightning.structures``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .coco import CocoDetection, ImageFolder, load_json
+from .samplers import GroupedBatchSampler
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
+
+
+class CocoDataModule(pl.LightningDataModule):
+    """COCO 2017 (or any folder laid out like it) for training, validation, test and prediction.
+
+    Args:
+        data_root: the dataset folder; the other paths are relative to it (absolute paths work too).
+        train_ann, train_images, val_ann, val_images: annotation json and image folder per split.
+        test_ann, test_images: default to the val ones.
+        predict_images: a folder of images for ``predict`` (targets carry only ``meta``, image_id = index).
+        stuff_maps: folder of COCO-Stuff ``stuffthingmaps`` with one sub-folder per image folder name
+            (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); train/val targets then carry
+            ``semantic`` for HTC's semantic branch.
+        train_scales: (long, short) edge pairs, one picked at random per training image.
+        train_short_range, train_max_long: the 2018 entry's multi-scale training (short edge uniform in
+            the range, long edge at most ``train_max_long``); overrides ``train_scales``.
+        test_scale: (long, short) for validation/test/predict.
+        flip_prob: horizontal flip probability in training.
+        size_divisor: batches are padded to a multiple of it (32 for FPN's five levels).
+        mean, std: RGB normalisation on 0..255 pixels (mmdet's ImageNet values).
+        batch_size, val_batch_size: images per batch and rank.
+        num_workers: DataLoader worker processes.
+        missing_images: an image listed but absent is an ``"error"`` at setup, or ``"skip"`` (a warning).
+        group_by_aspect_ratio: training batches hold only landscape or only portrait images.
+        seed: shuffling seed (epoch ``e`` uses ``seed + e``); each training sample's augmentation (scale,
+            flip) is drawn from a seed of (seed, epoch, index), so it does not depend on workers or resumes.
+
+    Distributed training: the train batch sampler shards by rank itself, so the Trainer must not inject a
+    ``DistributedSampler`` (``Trainer(use_distributed_sampler=False)``); evaluation loaders are sharded
+    with ``DistributedSampler`` here (its padding repeats a few images; the evaluator keeps one copy).
+    """
+
+    def __init__(self, data_root: str, train_ann: str = "annotations/instances_train2017.json",
+                 train_images: str = "train2017", val_ann: str = "annotations/instances_val2017.json",
+                 val_images: str = "val2017", test_ann: str | None = None, test_images: str | None = None,
+                 predict_images: str | None = None, stuff_maps: str | None = None,
+                 train_scales: list[tuple[int, int]] = [(1333, 800)],  # noqa: B006 (shown in --print_config)
+                 train_short_range: tuple[int, int] | None = None, train_max_long: int = 1600,
+                 test_scale: tuple[int, int] = (1333, 800), flip_prob: float = 0.5, size_divisor: int = 32,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+                 batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 2,
+                 missing_images: Literal["error", "skip"] = "error", group_by_aspect_ratio: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_root = Path(data_root)
+        self.train_ann, self.train_images = train_ann, train_images
+        self.val_ann, self.val_images = val_ann, val_images
+        self.test_ann, self.test_images = test_ann, test_images
+        self.predict_images = predict_images
+        self.stuff_maps = stuff_maps
+        self.train_scales = [tuple(s) for s in train_scales]
+        self.train_short_range = tuple(train_short_range) if train_short_range is not None else None
+        self.train_max_long = train_max_long
+        self.test_scale = tuple(test_scale)
+        self.flip_prob = flip_prob
+        self.size_divisor = size_divisor
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.num_workers = num_workers
+        self.missing_images = missing_images
+        self.group_by_aspect_ratio = group_by_aspect_ratio
+        self.seed = seed
+        self.train_dataset: CocoDetection | None = None
+        self.val_dataset: CocoDetection | None = None
+        self.test_dataset: CocoDetection | None = None
+        self.predict_dataset: ImageFolder | None = None
+        self.train_sampler: GroupedBatchSampler | None = None
+        self._categories: list[dict] | None = None
+
+    # -- paths and categories ----------------------------------------------------------------------------
+
+    def _path(self, relative: str) -> Path:
+        return (self.data_root / relative).resolve()
+
+    @property
+    def val_ann_file(self) -> str:
+        return str(self._path(self.val_ann))
+
+    @property
+    def test_ann_file(self) -> str:
+        return str(self._path(self.test_ann if self.test_ann is not None else self.val_ann))
+
+    @property
+    def has_semantic(self) -> bool:
+        return self.stuff_maps is not None
+
+    def _category_list(self) -> list[dict]:
+        # The (small) val file is enough: the CLI asks for num_classes before any setup.
+        if self._categories is None:
+            for ann in (self.val_ann, self.test_ann, self.train_ann):
+                if ann is not None and self._path(ann).is_file():
+                    self._categories = sorted(load_json(self._path(ann)).get("categories", []),
+                                              key=lambda c: c["id"])
+                    break
+            else:
+                raise FileNotFoundError(f"no annotation file found under {self.data_root} "
+                                        f"({self.val_ann}, {self.train_ann}) to read the categories from")
+        return self._categories
+
+    @property
+    def cat_ids(self) -> list[int]:
+        """Sorted COCO category ids; contiguous label ``i`` is ``cat_ids[i]``."""
+        return [c["id"] for c in self._category_list()]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.get("name", str(c["id"])) for c in self._category_list()]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._category_list())
+
+    # -- datasets ----------------------------------------------------------------------------------------
+
+    def _stuff_dir(self, images: str) -> Path | None:
+        return self._path(self.stuff_maps) / Path(images).name if self.stuff_maps is not None else None
+
+    def _eval_transform(self) -> DetectionTransform:
+        return DetectionTransform([self.test_scale], flip_prob=0.0, mean=self.mean, std=self.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_dataset is None:
+            transform = DetectionTransform(self.train_scales, self.train_short_range, self.train_max_long,
+                                           self.flip_prob, self.mean, self.std)
+            self.train_dataset = CocoDetection(self._path(self.train_ann), self._path(self.train_images), transform,
+                                               self._stuff_dir(self.train_images), train=True,
+                                               missing_images=self.missing_images, cat_ids=self.cat_ids)
+            if len(self.train_dataset) == 0:
+                raise ValueError(f"no training image in {self.train_dataset.ann_file} has a usable (non-crowd) "
+                                 f"annotation and an image file in {self.train_dataset.image_dir}")
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = CocoDetection(self._path(self.val_ann), self._path(self.val_images),
+                                             self._eval_transform(), self._stuff_dir(self.val_images),
+                                             missing_images=self.missing_images, cat_ids=self.cat_ids)
+        if stage in ("test", None) and self.test_dataset is None:
+            self.test_dataset = CocoDetection(self.test_ann_file, self._path(self.test_images or self.val_images),
+                                              self._eval_transform(), missing_images=self.missing_images,
+                                              cat_ids=self.cat_ids)
+        if stage == "predict" and self.predict_dataset is None:
+            if self.predict_images is None:
+                raise ValueError("predict needs CocoDataModule(predict_images=<folder of images>)")
+            self.predict_dataset = ImageFolder(self._path(self.predict_images), self._eval_transform())
+
+    # -- loaders -----------------------------------------------------------------------------------------
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, collate_fn=DetectionCollate(self.size_divisor),
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        world, rank = self._world()
+        trainer = self.trainer
+        if world > 1 and trainer is not None and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("CocoDataModule shards training batches itself (GroupedBatchSampler); create the "
+                             "Trainer with use_distributed_sampler=False so Lightning does not replace its sampler")
+        dataset = self.train_dataset
+        groups = dataset.aspect_groups if self.group_by_aspect_ratio else [0] * len(dataset)
+        self.train_sampler = GroupedBatchSampler(groups, self.batch_size, shuffle=True, seed=self.seed,
+                                                 num_replicas=world, rank=rank, with_seeds=True)
+        return self._loader(dataset, batch_sampler=self.train_sampler)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        world, rank = self._world()
+        sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        return self._loader(dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._eval_loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            self.setup("predict")
+        # Lightning shards prediction itself (UnrepeatedDistributedSampler) to track indices.
+        return self._loader(self.predict_dataset, batch_size=self.val_batch_size, shuffle=False)
