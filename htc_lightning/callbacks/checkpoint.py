@@ -1,0 +1,63 @@
+"""Default checkpointing and lr logging, tolerant of models and runs that lack what they monitor."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+
+class DetectionCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` keeping ``last.ckpt`` and the best by ``val/segm_mAP``, with fallbacks.
+
+    A box-only model logs no ``val/segm_mAP`` and a proposal-only one logs ``val/AR@1000``; a run without
+    validation logs neither. Instead of failing, the monitored key falls back to the first of
+    ``fallback_monitors`` that was logged (once, with a message); when none is, only ``last.ckpt`` is kept.
+    Without ``dirpath``, checkpoints go to ``{default_root_dir}/checkpoints`` whatever the logger.
+    """
+
+    def __init__(self, *args, fallback_monitors: Sequence[str] = ("val/bbox_mAP", "val/AR@1000"),
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fallback_monitors = tuple(fallback_monitors)
+        self._warned_missing = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's default directory is the logger's version folder, which changes with every run, so
+        # ``--ckpt_path last`` would never find the previous run's last.ckpt; a fixed folder makes it work.
+        if self.dirpath is None:
+            self.dirpath = os.path.join(str(trainer.default_root_dir), "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            fallback = next((m for m in self.fallback_monitors if m in monitor_candidates), None)
+            if fallback is not None:
+                rank_zero_info(f"{self.monitor!r} was not logged: keeping the best checkpoint by {fallback!r}")
+                self.monitor = fallback
+            else:
+                if not self._warned_missing:
+                    rank_zero_warn(f"none of {(self.monitor, *self.fallback_monitors)} was logged (no validation?): "
+                                   "only last.ckpt is saved")
+                    self._warned_missing = True
+                return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class OptionalLearningRateMonitor(LearningRateMonitor):
+    """``LearningRateMonitor`` that stays quiet, instead of failing, when the trainer has no logger."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        self._disabled = not trainer.loggers
+        if not self._disabled:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_disabled", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_disabled", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)

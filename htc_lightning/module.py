@@ -1,0 +1,316 @@
+"""``HTCModule``: the Lightning side of a detector (optimisation, logging, evaluation, faults).
+
+The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``; this class only decides
+*when* it is called. Every step of the recipe is a small overridable method, so a research variant
+subclasses the module and replaces one hook:
+
+- :meth:`compute_loss` (batch -> dict of loss terms), :meth:`sum_losses` (which terms count),
+- :meth:`check_losses` (the NaN/inf guard), :meth:`lr_factor` (warm-up and step schedule),
+- :meth:`build_evaluator` (COCO metrics of a stage), :meth:`predict_batch` (batch -> Detections).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from .structures import Detections, ImageMeta
+
+Batch = tuple[Tensor, list[dict]]
+
+# mmdet's ImageNet normalisation (RGB); used to show validation images when the datamodule has no mean/std.
+_MEAN = (123.675, 116.28, 103.53)
+_STD = (58.395, 57.12, 57.375)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the step and the terms."""
+
+
+class HTCModule(pl.LightningModule):
+    """Train, validate, test and predict with a two-stage detector.
+
+    Args:
+        detector: any ``nn.Module`` with ``loss(images, targets) -> dict[str, Tensor]`` and
+            ``predict(images, metas) -> list[Detections]`` (chosen by ``class_path`` in YAML).
+        lr: learning rate at ``base_batch_size`` images per optimiser step (mmdet: 0.02 at 16).
+        base_batch_size: the lr is scaled linearly to the real global batch
+            (``batch_size x world_size x accumulate_grad_batches``), the linear scaling rule mmdet applies.
+        momentum, weight_decay: SGD settings of the mmdet recipe.
+        warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio x lr`` over that many optimiser steps.
+        max_epochs_schedule: epochs (0-based) at whose start the lr is multiplied by ``gamma``
+            (mmdet 1x: 8 and 11 of 12 epochs).
+        gamma: the step-decay factor.
+        iou_types: COCO metrics to compute; ``None`` picks ``("bbox", "segm")`` for a mask model,
+            ``("bbox",)`` without masks and ``("proposal",)`` for a proposal-only detector.
+        backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
+        outfile_prefix: when set, test/validation results are also written as COCO json
+            (``{prefix}.{stage}.bbox.json`` ...).
+        nan_policy: ``"raise"`` stops training at the first non-finite loss naming the step and the term;
+            ``"skip"`` skips that optimiser step and counts it (``train/skipped_steps``).
+        log_images: number of validation images drawn with their detections and sent to the logger each
+            validation epoch (0 disables it).
+        score_thr_vis: detections below this score are not drawn.
+    """
+
+    def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, warmup_iters: int = 500, warmup_ratio: float = 0.001,
+                 max_epochs_schedule: Sequence[int] = (8, 11), gamma: float = 0.1,
+                 iou_types: Sequence[str] | None = None,
+                 backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
+                 outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
+                 log_images: int = 4, score_thr_vis: float = 0.3) -> None:
+        super().__init__()
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
+        # Under LightningCLI the hparams are the parsed config (the detector as class_path/init_args), which
+        # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["detector"])
+        self.detector = detector
+        self.lr = lr
+        self.base_batch_size = base_batch_size
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.warmup_iters = warmup_iters
+        self.warmup_ratio = warmup_ratio
+        self.max_epochs_schedule = sorted(int(e) for e in max_epochs_schedule)
+        self.gamma = gamma
+        self.iou_types = None if iou_types is None else tuple(iou_types)
+        self.backend = backend
+        self.outfile_prefix = outfile_prefix
+        self.nan_policy = nan_policy
+        self.log_images = log_images
+        self.score_thr_vis = score_thr_vis
+        self.skipped_steps = 0
+        self._evaluator = None
+        self._images_logged = 0
+        self._steps_per_epoch: int | None = None
+
+    # -- training ----------------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        """The detector's loss terms for one batch (override to add or replace a term)."""
+        images, targets = batch
+        return self.detector.loss(images, targets)
+
+    @staticmethod
+    def sum_losses(losses: dict[str, Tensor]) -> Tensor:
+        """The optimised total: every term whose name contains ``loss`` (accuracies are only logged)."""
+        terms = [v.sum() for k, v in losses.items() if "loss" in k]
+        if not terms:
+            raise ValueError(f"the detector returned no loss term (keys: {sorted(losses)})")
+        return torch.stack(terms).sum()
+
+    def check_losses(self, losses: dict[str, Tensor], batch_idx: int) -> bool:
+        """True when every loss term is finite; otherwise raise or (``nan_policy="skip"``) return False.
+
+        Under DDP the decision is shared by all ranks, so either every rank skips the step or none does
+        (a rank that skips alone would leave the others waiting in the gradient all-reduce).
+        """
+        names = [k for k in losses if "loss" in k]
+        # one device sync per step: all the finiteness flags are fetched together
+        finite = torch.stack([torch.isfinite(losses[k].detach()).all() for k in names]).tolist() if names else []
+        bad = {k: float(losses[k].detach().float().sum()) for k, ok in zip(names, finite) if not ok}
+        any_bad = bool(self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False))
+        if not any_bad:
+            return True
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(f"non-finite loss at {where}: {terms}. Lower the lr, enable gradient "
+                                     "clipping, or set model.init_args.nan_policy=skip to skip such steps.")
+        self.skipped_steps += 1
+        warnings.warn(f"skipping {where}: non-finite loss {terms} ({self.skipped_steps} skipped so far)",
+                      stacklevel=2)
+        return False
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        losses = self.compute_loss(batch)
+        finite = self.check_losses(losses, batch_idx)
+        batch_size = len(batch[1])
+        if self.nan_policy == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        if not finite:
+            return None  # Lightning skips backward and the optimiser step for this batch
+        total = self.sum_losses(losses)
+        self.log_dict({f"train/{k}": v.detach().float().sum() for k, v in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+
+    # -- optimisation ------------------------------------------------------------------------------------
+
+    def global_batch_size(self) -> int | None:
+        """Images per optimiser step over all ranks, or None when the datamodule does not say."""
+        dm = getattr(self.trainer, "datamodule", None)
+        per_rank = getattr(dm, "batch_size", None)
+        if per_rank is None:
+            return None
+        return int(per_rank) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def scaled_lr(self) -> float:
+        global_bs = self.global_batch_size()
+        if global_bs is None:
+            warnings.warn(f"the datamodule has no batch_size: using lr={self.lr} without linear scaling",
+                          stacklevel=2)
+            return self.lr
+        return self.lr * global_bs / self.base_batch_size
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the scaled lr for optimiser step ``step`` (0-based): warm-up x step decay."""
+        warmup = 1.0
+        if step < self.warmup_iters:
+            warmup = 1.0 - (1.0 - self.warmup_ratio) * (1.0 - step / self.warmup_iters)
+        epoch = step // self.steps_per_epoch() if step > 0 else 0
+        decays = sum(epoch >= milestone for milestone in self.max_epochs_schedule)
+        return warmup * self.gamma ** decays
+
+    def steps_per_epoch(self) -> int:
+        # Known once the train dataloader is set up, i.e. before the first scheduler step needs it; asking
+        # earlier (trainer.estimated_stepping_batches in configure_optimizers) would build the dataloader
+        # before a checkpoint's mid-epoch position is restored.
+        if self._steps_per_epoch is None:
+            batches = self.trainer.num_training_batches
+            if not math.isfinite(batches) or batches <= 0:
+                return 1 << 62  # unknown epoch length: no epoch-based decay yet
+            self._steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        return self._steps_per_epoch
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.detector.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.scaled_lr(), momentum=self.momentum,
+                                    weight_decay=self.weight_decay)
+        # One LambdaLR stepped per optimiser step gives both mmdet schedulers: the iteration-based
+        # LinearLR warm-up and the epoch-based MultiStepLR (the epoch is derived from the step).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------------------
+
+    def default_iou_types(self) -> tuple[str, ...]:
+        if self.iou_types is not None:
+            return self.iou_types
+        if hasattr(self.detector, "roi_head") and self.detector.roi_head is None:
+            return ("proposal",)
+        return ("bbox", "segm") if getattr(self.detector, "with_mask", True) else ("bbox",)
+
+    def build_evaluator(self, stage: Literal["val", "test"]):
+        """A CocoEvaluator for ``stage`` from the datamodule's annotation file, or None (no metrics)."""
+        from .evaluation.coco import CocoEvaluator
+
+        dm = getattr(self.trainer, "datamodule", None)
+        ann_file = getattr(dm, f"{stage}_ann_file", None)
+        if ann_file is None and stage == "test":
+            ann_file = getattr(dm, "val_ann_file", None)
+        cat_ids = getattr(dm, "cat_ids", None)
+        prefix = None if self.outfile_prefix is None else f"{self.outfile_prefix}.{stage}"
+        if ann_file is None and (prefix is None or cat_ids is None):
+            rank_zero_warn_once(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
+            return None
+        return CocoEvaluator(None if ann_file is None else str(ann_file), None if cat_ids is None else list(cat_ids),
+                             iou_types=self.default_iou_types(), backend=self.backend, outfile_prefix=prefix)
+
+    def predict_batch(self, batch: Batch) -> tuple[list[Detections], list[ImageMeta]]:
+        images, targets = batch
+        metas = [t["meta"] for t in targets]
+        return self.detector.predict(images, metas), metas
+
+    def _eval_step(self, batch: Batch, batch_idx: int) -> list[Detections]:
+        detections, metas = self.predict_batch(batch)
+        if self._evaluator is not None:
+            self._evaluator.update(detections, metas)
+        return detections
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self._evaluator is None:
+            return
+        metrics = self._evaluator.compute()  # a collective under DDP: same numbers on every rank
+        self._evaluator.reset()
+        if metrics:
+            # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
+            # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.
+            self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True, reduce_fx="max")
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluator = self.build_evaluator("val")
+        self._images_logged = 0
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        detections = self._eval_step(batch, batch_idx)
+        if self._images_logged < self.log_images and self.trainer.is_global_zero \
+                and not self.trainer.sanity_checking:
+            self.log_validation_images(batch, detections)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluator = self.build_evaluator("test")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[Detections]:
+        return self.predict_batch(batch)[0]
+
+    # -- validation images -------------------------------------------------------------------------------
+
+    def log_validation_images(self, batch: Batch, detections: list[Detections]) -> None:
+        """Draw detections on the first validation images: TensorBoard if present, else PNGs in the log dir."""
+        from .visualize import draw_detections, tensor_to_pil
+
+        logger = self.logger
+        if logger is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        mean, std = getattr(dm, "mean", _MEAN), getattr(dm, "std", _STD)
+        names = getattr(dm, "class_names", None)
+        images, targets = batch
+        for image, target, det in zip(images, targets, detections):
+            if self._images_logged >= self.log_images:
+                break
+            pil = tensor_to_pil(image, target["meta"], mean, std)
+            drawn = draw_detections(pil, det.to("cpu"), class_names=names, score_thr=self.score_thr_vis)
+            tag = f"val/image_{self._images_logged}"
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                import numpy as np
+                experiment.add_image(tag, np.asarray(drawn), self.global_step, dataformats="HWC")
+            elif getattr(logger, "log_dir", None):
+                out = Path(logger.log_dir) / "val_images"
+                out.mkdir(parents=True, exist_ok=True)
+                drawn.save(out / f"step{self.global_step:07d}_{self._images_logged}.png")
+            self._images_logged += 1
+
+
+def _built_by_cli() -> bool:
+    try:
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+_warned: set[str] = set()
+
+
+def rank_zero_warn_once(message: str) -> None:
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    if message not in _warned:
+        _warned.add(message)
+        rank_zero_warn(message)
