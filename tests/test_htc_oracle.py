@@ -38,15 +38,22 @@ def roi_head_state(dump: dict) -> dict:
     return {k[len("roi_head."):]: v for k, v in sd.items() if k.startswith("roi_head.")}
 
 
+def _load_case(name: str):
+    dump = torch.load(ORACLE / f"{name}.pt", weights_only=False)
+    head = tiny_head(DUMPS[name]).eval()
+    head.load_state_dict(roi_head_state(dump), strict=True)
+    return name, dump, head, [f.float() for f in dump["fpn"]]
+
+
 @pytest.fixture(scope="module", params=sorted(DUMPS))
 def case(request):
-    path = ORACLE / f"{request.param}.pt"
-    if not path.exists():
-        pytest.skip(f"oracle dump {path.name} not generated")
-    dump = torch.load(path, weights_only=False)
-    head = tiny_head(DUMPS[request.param]).eval()
-    head.load_state_dict(roi_head_state(dump), strict=True)
-    return request.param, dump, head, [f.float() for f in dump["fpn"]]
+    return _load_case(request.param)
+
+
+# the whole cascade (NMS, masks) runs on a subset here; tests/test_mmdet_parity.py runs it on every dump
+@pytest.fixture(scope="module", params=sorted(PREDICT_ON))
+def predict_case(request):
+    return _load_case(request.param)
 
 
 def test_state_dict_keys_are_mmdets(case):
@@ -75,10 +82,8 @@ def test_semantic_head_matches(case):
     torch.testing.assert_close(feat, dump["semantic"]["feat"].float(), atol=ATOL, rtol=0)
 
 
-def test_predict_matches_final_detections_and_masks(case):
-    name, dump, head, feats = case
-    if name not in PREDICT_ON:
-        pytest.skip("the whole cascade runs on a subset of the dumps to keep the suite fast")
+def test_predict_matches_final_detections_and_masks(predict_case):
+    name, dump, head, feats = predict_case
     m = dump["img_metas"][0]
     meta = {"orig_size": tuple(m["ori_shape"][:2]), "img_size": tuple(m["img_shape"][:2]),
             "scale_factor": tuple(m["scale_factor"])}
