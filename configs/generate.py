@@ -19,7 +19,9 @@ PKG = "htc_lightning"
 
 def backbone(model_name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True, dcn_stages=(),
              **model_kwargs) -> dict:
-    args = {"model_name": model_name, "frozen_stages": frozen_stages, "norm_eval": norm_eval}
+    # ImageNet weights from timm (fetched at run time), as mmdet's init_cfg=Pretrained; a local file can be
+    # given instead with ``weights: PATH``
+    args = {"model_name": model_name, "pretrained": True, "frozen_stages": frozen_stages, "norm_eval": norm_eval}
     if dcn_stages:
         args["dcn_stages"] = list(dcn_stages)
     if model_kwargs:
@@ -28,6 +30,7 @@ def backbone(model_name: str = "resnet50", frozen_stages: int = 1, norm_eval: bo
 
 
 def fishnet(depth: int, **kw) -> dict:
+    # the authors' ImageNet checkpoints (no public download URL): pass ``weights: PATH`` to start from them
     return {"class_path": f"{PKG}.models.backbones.FishNet", "init_args": {"depth": depth, **kw}}
 
 

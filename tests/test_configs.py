@@ -20,11 +20,24 @@ def coco(tmp_path_factory):
 
 
 def _overrides(path: str, root: Path) -> list[str]:
+    parts = yaml.safe_load((ROOT / path).read_text())["model"]["init_args"]["detector"]["init_args"]
+    backbone = parts["backbone"]
+    det = "--model.init_args.detector.init_args"
+    # the same modules at their full widths, with small RoI budgets so that a step stays cheap on CPU
+    budgets = [f"{det}.rpn_head.init_args.train_max_per_img", "100", f"{det}.rpn_head.init_args.test_max_per_img", "50"]
+    if parts.get("roi_head"):
+        budgets += [f"{det}.roi_head.init_args.sampler_num", "64", f"{det}.roi_head.init_args.max_per_img", "10"]
+    # no downloads here: ImageNet weights are replaced by random ones
+    no_download = (["--model.init_args.detector.init_args.backbone.init_args.pretrained", "false"]
+                   if backbone["init_args"].get("pretrained") else [])
     return ["--config", str(ROOT / path), "--data.init_args.data_root", str(root),
             "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "1",
             "--data.init_args.train_scales", "[[64, 64]]", "--data.init_args.train_short_range", "null",
             "--data.init_args.test_scale", "[64, 64]", "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(root / "out")]
+            "--trainer.default_root_dir", str(root / "out"), *no_download,
+            # on this CPU machine: the cluster config's 2 x 8 GPUs become one CPU process
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+            "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.plugins", "null", *budgets]
 
 
 def test_there_is_a_config_for_every_model_family():

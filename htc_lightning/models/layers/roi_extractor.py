@@ -3,12 +3,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from htc_lightning.models.layers.roi_align import roi_align
 
 
 class MultiLevelRoIAlign(nn.Module):
     """Each RoI is pooled from one level: ``floor(log2(sqrt(w*h) / finest_scale + 1e-6))`` clamped to the
-    levels (w = x2 - x1). torchvision ``roi_align`` with ``aligned=True``, ``sampling_ratio=0``.
+    levels (w = x2 - x1). torchvision's ``roi_align`` forward (``aligned=True``, ``sampling_ratio=0``) with a
+    vectorised CPU backward (``layers.roi_align``).
     With one stride it is a plain single-level RoIAlign (the semantic feature at stride 8)."""
 
     def __init__(self, output_size: int, featmap_strides: Sequence[int], sampling_ratio: int = 0,

@@ -1,0 +1,237 @@
+"""``torchvision.ops.roi_align`` with a fast CPU backward.
+
+The forward is torchvision's own op, so pooled features are bit-identical to it (and to mmdet, whose
+``RoIAlign`` computes the same thing). torchvision's CPU backward is a serial scatter that recomputes the
+bilinear weights for every channel; on a CPU training step it dominated the whole step. Here the backward
+builds the interpolation weights once per RoI and applies them to all channels at once:
+
+* the sampling grid of a bin is a product of its y and x samples, and a bilinear weight is a product of a
+  y-weight and an x-weight, so the x-contraction is a dense batched matmul over a per-RoI column window;
+* the remaining y-contraction is a sparse (pixels x window-rows) matrix times the dense (window-rows x
+  channels) result, accumulated with a sparse-dense ``addmm_`` (one axpy over the channels per entry).
+
+Sample positions, the adaptive grid (``ceil(roi / bins)`` samples per bin), the out-of-map rule and the edge
+clamping follow torchvision's CPU kernel (``roi_align_kernel.cpp``) operation by operation in float32, so
+gradients match torchvision's up to the order of float summation. CUDA tensors use torchvision's backward.
+"""
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torchvision.ops import roi_align as tv_roi_align
+
+# Bound on the bytes of one chunk's intermediates. Small enough for the allocator to recycle the buffers from
+# chunk to chunk: fresh large allocations pay a page fault per 4 KiB and cost more than the arithmetic.
+_CHUNK_BYTES = 8 * 2**20
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        return output_size, output_size
+    if len(output_size) != 2:
+        raise ValueError(f"roi_align: output_size {output_size} must be an int or a pair")
+    return int(output_size[0]), int(output_size[1])
+
+
+def _roi_geometry(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int,
+                  aligned: bool) -> tuple[Tensor, ...]:
+    """Per-RoI start, bin size and sample count on each axis, computed in float32 like torchvision's kernel."""
+    offset = 0.5 if aligned else 0.0
+    scale = torch.tensor(spatial_scale, dtype=torch.float32)  # the kernel casts the scale to float first
+    start_x = rois[:, 1] * scale - offset
+    start_y = rois[:, 2] * scale - offset
+    roi_w = (rois[:, 3] * scale - offset) - start_x
+    roi_h = (rois[:, 4] * scale - offset) - start_y
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_h = roi_h / pooled[0]
+    bin_w = roi_w / pooled[1]
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(rois[:, 0], sampling_ratio, dtype=torch.long)
+        grid_w = grid_h
+    else:
+        # a negative or zero extent gives an empty grid (no samples, zero gradient)
+        grid_h = torch.ceil(bin_h).clamp(min=0).long()
+        grid_w = torch.ceil(bin_w).clamp(min=0).long()
+    return start_y, bin_h, grid_h, start_x, bin_w, grid_w
+
+
+def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, size: int,
+                  max_grid: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps of every sample along one axis: (low index, high index, low weight, high weight), each
+    (K, bins, max_grid). Samples past a RoI's own grid, or outside [-1, size], get zero weight."""
+    bin_idx = torch.arange(bins, dtype=torch.float32)
+    sample_idx = torch.arange(max_grid)
+    # same association order as the kernel: (start + p * bin) + ((i + .5) * bin / grid)
+    bin_start = start[:, None] + bin_idx[None, :] * bin_size[:, None]
+    in_bin = (sample_idx.float() + 0.5)[None, :] * bin_size[:, None] / grid.clamp(min=1)[:, None].float()
+    pos = bin_start[:, :, None] + in_bin[:, None, :]
+    valid = (pos >= -1.0) & (pos <= size) & (sample_idx[None, None, :] < grid[:, None, None])
+    pos = pos.clamp(min=0.0, max=float(size))
+    low = pos.floor()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    pos = torch.where(at_edge, low, pos)
+    frac = pos - low
+    w_high = torch.where(valid, frac, 0.0)
+    w_low = torch.where(valid, 1.0 - frac, 0.0)
+    low_i = low.long()
+    high_i = torch.where(at_edge, low_i, low_i + 1)
+    return low_i, high_i, w_low, w_high
+
+
+def _backward_chunk(grad: Tensor, rois: Tensor, geometry: Sequence[Tensor], pooled: tuple[int, int],
+                    height: int, width: int, out: Tensor) -> None:
+    """Adds the feature gradient of one chunk of RoIs into ``out`` (B*H*W, C), float32. ``grad`` is laid out
+    (K, out_w, out_h, C) so that one bmm contracts the x-bins of every channel."""
+    start_y, bin_h, grid_h, start_x, bin_w, grid_w = geometry
+    num, channels = grad.shape[0], grad.shape[3]
+    ph, pw = pooled
+    count = (grid_h * grid_w).clamp(min=1).float()
+    y_low, y_high, wy_low, wy_high = _axis_samples(start_y, bin_h, grid_h, ph, height, max(int(grid_h.max()), 1))
+    x_low, x_high, wx_low, wx_high = _axis_samples(start_x, bin_w, grid_w, pw, width, max(int(grid_w.max()), 1))
+
+    # x: each RoI's taps fall in a window of columns [x0, x0 + win); fold the taps of a bin into it
+    tapped = (wx_low + wx_high) > 0
+    x0 = torch.where(tapped, x_low, width).amin(dim=(1, 2)).clamp(max=width - 1)
+    rel_high = x_high - x0[:, None, None]
+    win = int(torch.where(tapped, rel_high, 0).max()) + 1
+    # untapped samples (zero weight) may sit anywhere; keep their indices inside the window
+    rel_low = (x_low - x0[:, None, None]).clamp(min=0, max=win - 1)
+    rel_high = rel_high.clamp(min=0, max=win - 1)
+    ax = grad.new_zeros(num, pw, win)
+    ax.scatter_add_(2, rel_low.view(num, pw, -1), wx_low.view(num, pw, -1))
+    ax.scatter_add_(2, rel_high.view(num, pw, -1), wx_high.view(num, pw, -1))
+    # rows[k, j, p, c] = sum_q ax[k, q, j] * grad[k, q, p, c]
+    rows = torch.bmm(ax.transpose(1, 2), grad.view(num, pw, ph * channels)).view(-1, channels)
+
+    # y: each (RoI, bin row, tap, window column) scatters one row of channels into the map
+    taps = torch.stack([y_low, y_high], -1).view(num, ph, -1)
+    weights = (torch.stack([wy_low, wy_high], -1) / count[:, None, None, None]).view(num, ph, -1)
+    n_taps = taps.shape[2]
+    col = torch.arange(win)
+    pixel_x = (x0[:, None] + col).clamp(max=width - 1)  # columns past the map carry zero rows
+    image = rois[:, 0].long() * (height * width)
+    dst = image[:, None, None, None] + taps[..., None] * width + pixel_x[:, None, None, :]
+    src = (torch.arange(num)[:, None, None, None] * win + col[None, None, None, :]) * ph \
+        + torch.arange(ph)[None, :, None, None]
+    src = src.expand(num, ph, n_taps, win)
+    vals = weights[..., None].expand(num, ph, n_taps, win)
+    matrix = torch.sparse_coo_tensor(torch.stack([dst.reshape(-1), src.reshape(-1)]), vals.reshape(-1),
+                                     (out.shape[0], rows.shape[0]), check_invariants=False)
+    out.addmm_(matrix, rows)
+
+
+def _chunks(geometry: Sequence[Tensor], pooled: tuple[int, int], channels: int, height: int,
+            width: int) -> list[Tensor]:
+    """RoI index groups whose intermediates fit in ``_CHUNK_BYTES``; once past an eighth of that, a group holds one
+    y-grid size and column windows within 25 % of each other (a chunk is padded to its largest RoI)."""
+    _, _, grid_h, _, bin_w, _ = geometry
+    ph, pw = pooled
+    span_x = (bin_w * pw).clamp(min=0, max=width).ceil().long() + 2
+    taps_y = 2 * grid_h.clamp(min=1, max=height)
+    per_roi = ph * taps_y * span_x * 24 + span_x * ph * channels * 4 + ph * pw * channels * 8
+    order = torch.argsort(grid_h * (4 * width + 8) + span_x, stable=True)
+    keys = torch.stack([grid_h[order], span_x[order], per_roi[order]], 1).tolist()
+    groups, start, used = [], 0, 0
+    for i, (grid, span, cost) in enumerate(keys):
+        padded = grid != keys[start][0] or 4 * span > 5 * keys[start][1]
+        # a small chunk is not worth its fixed per-op overhead, even if mixing sizes pads it
+        if i > start and (used + cost > _CHUNK_BYTES or (padded and used > _CHUNK_BYTES // 8)):
+            groups.append(order[start:i])
+            start, used = i, 0
+        used += cost
+    groups.append(order[start:])
+    return groups
+
+
+def roi_align_backward_cpu(grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
+                           feat_shape: Sequence[int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """Gradient w.r.t. the features of ``roi_align``, (B, C, H, W) float32, for CPU tensors."""
+    batch, channels, height, width = feat_shape
+    out = torch.zeros(batch * height * width, channels, dtype=torch.float32)
+    if rois.shape[0] > 0 and out.numel() > 0:
+        with _single_thread():
+            _accumulate(out, grad, rois, spatial_scale, pooled, sampling_ratio, aligned, height, width)
+    return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def _single_thread():
+    # The chunks are many small ops; with intra-op threads each one pays a parallel-region barrier, which on
+    # shared cores (another process holding the second core) cost 10x the work itself (benchmarks/
+    # roi_align_speed.py). torchvision's CPU kernel is single-threaded as well.
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _accumulate(out: Tensor, grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
+                sampling_ratio: int, aligned: bool, height: int, width: int) -> None:
+    rois = rois.float()
+    batch = out.shape[0] // (height * width)
+    lo, hi = int(rois[:, 0].min()), int(rois[:, 0].max())
+    if lo < 0 or hi >= batch:  # the sparse product does not bounds-check its indices
+        raise ValueError(f"roi_align backward: RoI batch index {lo if lo < 0 else hi} outside [0, {batch})")
+    geometry = _roi_geometry(rois, spatial_scale, pooled, sampling_ratio, aligned)
+    groups = _chunks(geometry, pooled, out.shape[1], height, width)
+    grad_qpc = grad.permute(0, 3, 2, 1)
+    for idx in groups:
+        if len(groups) == 1:
+            sub_grad, sub_rois, sub_geometry = grad_qpc, rois, geometry
+        else:  # gathers and transposes in one pass
+            sub_grad, sub_rois, sub_geometry = grad_qpc.index_select(0, idx), rois[idx], [g[idx] for g in geometry]
+        _backward_chunk(sub_grad.float().contiguous(), sub_rois, sub_geometry, pooled, height, width, out)
+
+
+class _RoIAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                sampling_ratio: int, aligned: bool) -> Tensor:
+        ctx.save_for_backward(rois)
+        ctx.args = (output_size, spatial_scale, sampling_ratio, aligned, tuple(feat.shape), feat.dtype)
+        if feat.dtype == torch.bfloat16 and feat.device.type == "cpu":
+            # torchvision has no bf16 CPU kernel; its autocast wrapper likewise runs float32 and casts back
+            return tv_roi_align(feat.float(), rois.float(), output_size, spatial_scale, sampling_ratio,
+                                aligned).to(feat.dtype)
+        return tv_roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (rois,) = ctx.saved_tensors
+        output_size, spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        if grad_out.device.type == "cpu":
+            grad_feat = roi_align_backward_cpu(grad_out, rois, spatial_scale, output_size, shape,
+                                               sampling_ratio, aligned)
+        else:
+            batch, channels, height, width = shape
+            grad_feat = torch.ops.torchvision._roi_align_backward(
+                grad_out.contiguous(), rois.to(grad_out.dtype), spatial_scale, output_size[0], output_size[1],
+                batch, channels, height, width, sampling_ratio, aligned)
+        return grad_feat.to(dtype).contiguous(), None, None, None, None, None
+
+
+def roi_align(feat: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float,
+              sampling_ratio: int = 0, aligned: bool = True) -> Tensor:
+    """``torchvision.ops.roi_align`` (same forward numbers) whose CPU backward is vectorised.
+
+    ``feat`` (B, C, H, W); ``rois`` (K, 5) rows of (batch index, x1, y1, x2, y2) in input pixels, same dtype
+    as ``feat`` (bf16 features on CPU are pooled in float32 and cast back). Returns (K, C, out_h, out_w).
+    No gradient flows to ``rois``, as in torchvision."""
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"roi_align: rois must be (K, 5), got {tuple(rois.shape)}")
+    if feat.dim() != 4:
+        raise ValueError(f"roi_align: feat must be (B, C, H, W), got {tuple(feat.shape)}")
+    return _RoIAlign.apply(feat, rois, _pair(output_size), float(spatial_scale), int(sampling_ratio),
+                           bool(aligned))

@@ -1,0 +1,171 @@
+import pytest
+import torch
+from torchvision.ops import roi_align as tv_roi_align
+
+from htc_lightning.models.layers.roi_align import roi_align, roi_align_backward_cpu
+
+
+def _rois(n: int, batch: int, extent: float, min_size: float, max_size: float, seed: int,
+          offset: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * extent - offset
+    wh = min_size + torch.rand(n, 2, generator=gen) * (max_size - min_size)
+    b = torch.randint(0, batch, (n, 1), generator=gen).float()
+    return torch.cat([b, xy, xy + wh], 1)
+
+
+def _grads(feat, rois, size, scale, sampling_ratio=0, aligned=True, seed=0):
+    """(ours, torchvision's) feature gradients for the same random upstream gradient."""
+    results = []
+    for fn in (roi_align, tv_roi_align):
+        x = feat.detach().clone().requires_grad_(True)
+        out = fn(x, rois, size, scale, sampling_ratio, aligned)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+        out.backward(upstream)
+        results.append(x.grad)
+    return results
+
+
+def _feat(batch=2, channels=3, height=12, width=15, seed=0, dtype=torch.float32):
+    return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_forward_is_bit_identical_to_torchvision():
+    feat = _feat(channels=5)
+    rois = _rois(40, 2, 50.0, 1.0, 60.0, seed=1)
+    for size, scale, ratio, aligned in [(7, 0.25, 0, True), ((5, 3), 0.5, 2, False), (14, 0.125, 0, True)]:
+        assert torch.equal(roi_align(feat, rois, size, scale, ratio, aligned),
+                           tv_roi_align(feat, rois, size, scale, ratio, aligned))
+
+
+@pytest.mark.parametrize("size", [7, 14, (3, 5)])
+def test_gradient_equals_torchvision_adaptive_sampling(size):
+    feat = _feat(channels=4)
+    rois = _rois(60, 2, 50.0, 2.0, 60.0, seed=2)
+    ours, ref = _grads(feat, rois, size, 0.25)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_gradient_equals_torchvision_fixed_sampling_ratio(ratio):
+    feat = _feat()
+    rois = _rois(30, 2, 50.0, 2.0, 60.0, seed=3)
+    ours, ref = _grads(feat, rois, 7, 0.25, sampling_ratio=ratio)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_equals_torchvision_unaligned_with_tiny_rois():
+    feat = _feat()
+    rois = _rois(30, 2, 50.0, 0.0, 6.0, seed=4)  # below one feature pixel: torchvision forces 1x1
+    ours, ref = _grads(feat, rois, 7, 0.25, aligned=False)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_equals_torchvision_for_rois_partly_or_fully_outside_the_map():
+    feat = _feat()
+    rois = _rois(60, 2, 120.0, 2.0, 90.0, seed=5, offset=40.0)  # map covers [0, 60) x [0, 48) px
+    rois = torch.cat([rois, torch.tensor([[0.0, -30.0, -30.0, -8.0, -6.0], [1.0, 70.0, 10.0, 90.0, 30.0]])])
+    ours, ref = _grads(feat, rois, 7, 0.25)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_equals_torchvision_on_map_edges_and_integer_sample_positions():
+    feat = _feat(height=8, width=8)
+    # with scale 1 and these boxes samples land exactly on pixel centres, on -1, on H and on H - 1
+    rois = torch.tensor([[0.0, 0.0, 0.0, 8.0, 8.0], [0.0, -0.5, -0.5, 8.5, 8.5], [1.0, 7.0, 7.0, 9.0, 9.0],
+                         [1.0, -1.5, -1.5, 0.5, 0.5], [0.0, 3.0, 3.0, 3.0, 3.0], [1.0, 5.0, 6.0, 2.0, 1.0]])
+    for aligned in (True, False):
+        ours, ref = _grads(feat, rois, 2, 1.0, aligned=aligned)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_equals_torchvision_for_one_pixel_high_map():
+    feat = _feat(height=1, width=9)
+    rois = _rois(10, 2, 30.0, 1.0, 20.0, seed=6)
+    ours, ref = _grads(feat, rois, 3, 0.5)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_equals_torchvision_when_rois_are_split_into_chunks(monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    monkeypatch.setattr(module, "_CHUNK_BYTES", 1)  # every RoI its own chunk
+    feat = _feat()
+    rois = _rois(25, 2, 50.0, 2.0, 60.0, seed=7)
+    ours, ref = _grads(feat, rois, 7, 0.25)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_sample_counts_are_processed_in_bounded_chunks(monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    calls = []
+    original = module._backward_chunk
+    monkeypatch.setattr(module, "_backward_chunk", lambda grad, *a: calls.append(grad.shape[0]) or original(grad, *a))
+    monkeypatch.setattr(module, "_CHUNK_BYTES", 2**20)
+    feat = _feat(batch=1, channels=8, height=64, width=64)
+    rois = _rois(20, 1, 10.0, 200.0, 250.0, seed=8)  # ~60 px at stride 4: 5x5 samples per 14x14 bin
+    ours, ref = _grads(feat, rois, 14, 0.25)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert len(calls) > 1 and sum(calls) == 20
+
+
+def test_empty_rois_give_zero_gradient():
+    feat = _feat().requires_grad_(True)
+    out = roi_align(feat, torch.zeros(0, 5), 7, 0.25)
+    assert out.shape == (0, 3, 7, 7)
+    (out.sum() + feat.sum() * 0).backward()
+    assert torch.equal(feat.grad, torch.zeros_like(feat))
+
+
+def test_half_precision_gradient_is_the_float32_gradient_rounded_to_half():
+    # torchvision's own fp16 CPU backward accumulates in fp16; ours accumulates in fp32 like a float32 pass
+    feat = _feat(dtype=torch.float16)
+    rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=9).half()
+    x = feat.clone().requires_grad_(True)
+    out = roi_align(x, rois, 7, 0.25)
+    assert torch.equal(out, tv_roi_align(feat, rois, 7, 0.25, 0, True))
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    out.backward(upstream.half())
+    ref_x = feat.float().requires_grad_(True)
+    tv_roi_align(ref_x, rois.float(), 7, 0.25, 0, True).backward(upstream.half().float())
+    assert x.grad.dtype == torch.float16
+    torch.testing.assert_close(x.grad, ref_x.grad.half(), rtol=1e-3, atol=1e-4)
+
+
+def test_bfloat16_features_pool_in_float32_and_return_bfloat16_gradient():
+    feat = _feat()
+    rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=10)
+    x = feat.bfloat16().requires_grad_(True)
+    out = roi_align(x, rois.bfloat16(), 7, 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), tv_roi_align(feat.bfloat16().float(), rois.bfloat16().float(), 7, 0.25,
+                                                         0, True), rtol=0, atol=1e-2)
+    out.float().sum().backward()
+    ref_x = feat.bfloat16().float().requires_grad_(True)
+    tv_roi_align(ref_x, rois.bfloat16().float(), 7, 0.25, 0, True).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_gradcheck_float64():
+    feat = _feat(batch=2, channels=2, height=5, width=6, dtype=torch.float64).requires_grad_(True)
+    rois = torch.tensor([[0.0, 1.3, 0.7, 9.1, 7.6], [1.0, -2.0, 3.1, 5.2, 12.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 3, 0.5, 0, True), (feat,))
+
+
+def test_backward_restores_the_intra_op_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feat = _feat().requires_grad_(True)
+        roi_align(feat, _rois(5, 2, 50.0, 2.0, 40.0, seed=11), 7, 0.25).sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_backward_rejects_a_batch_index_outside_the_features():
+    rois = torch.tensor([[2.0, 1.0, 1.0, 20.0, 20.0]])
+    with pytest.raises(ValueError, match="batch index 2"):
+        roi_align_backward_cpu(torch.ones(1, 3, 7, 7), rois, 0.25, (7, 7), (2, 3, 12, 15), 0, True)
