@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .structures import Detections, ImageMeta
+from .tta import TestTimeAugmentation
 
 Batch = tuple[Tensor, list[dict]]
 
@@ -57,6 +58,9 @@ class HTCModule(pl.LightningModule):
         log_images: number of validation images drawn with their detections and sent to the logger each
             validation epoch (0 disables it).
         score_thr_vis: detections below this score are not drawn.
+        tta: when set, validation, test and predict run the detector through this multi-scale + flip
+            test-time augmentation (:class:`~htc_lightning.tta.TestTimeAugmentation`) instead of
+            ``detector.predict``; training is unaffected.
     """
 
     def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
@@ -65,13 +69,15 @@ class HTCModule(pl.LightningModule):
                  iou_types: Sequence[str] | None = None,
                  backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
                  outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
-                 log_images: int = 4, score_thr_vis: float = 0.3) -> None:
+                 log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
         # Under LightningCLI the hparams are the parsed config (the detector as class_path/init_args), which
         # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
-        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["detector"])
+        # The TTA is a test-time choice, never stored: ``test --ckpt_path`` applies the checkpoint's hparams over
+        # the config, so a stored ``tta: null`` would silently switch off the TTA the config asks for.
+        self.save_hyperparameters(ignore=["tta"] if _built_by_cli() else ["detector", "tta"])
         self.detector = detector
         self.lr = lr
         self.base_batch_size = base_batch_size
@@ -87,6 +93,7 @@ class HTCModule(pl.LightningModule):
         self.nan_policy = nan_policy
         self.log_images = log_images
         self.score_thr_vis = score_thr_vis
+        self.tta = tta
         self.skipped_steps = 0
         self._evaluator = None
         self._images_logged = 0
@@ -187,6 +194,16 @@ class HTCModule(pl.LightningModule):
             self._steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         return self._steps_per_epoch
 
+    def setup(self, stage: str) -> None:
+        # HTC's semantic branch learns from COCO-Stuff maps; without them its loss has no target.
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if (stage == "fit" and getattr(self.detector, "with_semantic", False) and dm is not None
+                and getattr(dm, "has_semantic", True) is False):
+            raise ValueError(
+                "this detector has HTC's semantic branch, which trains on COCO-Stuff label maps, but the data module "
+                "loads none: set data.init_args.stuff_maps (e.g. 'stuffthingmaps'), or train the config without it, "
+                "configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml")
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.detector.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.scaled_lr(), momentum=self.momentum,
@@ -224,6 +241,8 @@ class HTCModule(pl.LightningModule):
     def predict_batch(self, batch: Batch) -> tuple[list[Detections], list[ImageMeta]]:
         images, targets = batch
         metas = [t["meta"] for t in targets]
+        if self.tta is not None:
+            return self.tta.predict(self.detector, images, metas), metas
         return self.detector.predict(images, metas), metas
 
     def _eval_step(self, batch: Batch, batch_idx: int) -> list[Detections]:

@@ -13,8 +13,6 @@ import yaml
 
 from htc_lightning.cli import HTCLightningCLI
 
-pytest.importorskip("timm")
-
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
@@ -141,3 +139,14 @@ def test_real_htc_trains_with_two_ddp_processes_via_the_cli(tmp_path, coco_root)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
+
+
+def test_semantic_config_without_stuff_maps_fails_at_setup_naming_the_config_to_use(coco_root, tmp_path):
+    from htc_lightning.cli import main
+
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo",
+                       "htc_tiny_synthetic.yaml")
+    with pytest.raises(ValueError, match="htc-without-semantic_r50_fpn_1x_coco.yaml"):
+        main(["fit", "--config", cfg, "--data.init_args.data_root", str(coco_root),
+              "--data.init_args.stuff_maps", "null", "--data.init_args.num_workers", "0", "--trainer.max_steps", "1", "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path)])

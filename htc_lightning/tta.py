@@ -1,0 +1,232 @@
+"""Multi-scale + horizontal-flip test-time augmentation of a two-stage detector, as mmdetection 2.x's HTC
+``aug_test`` (the COCO 2018 entry tested at five scales, each with and without flip).
+
+One image at a time, for every view (scale x flip):
+
+1. proposals: the RPN's test proposals of each view, mapped back, concatenated, class-agnostic NMS at the
+   RPN's ``nms_iou`` and the best ``test_max_per_img`` kept (mmdet's ``merge_aug_proposals``);
+2. boxes: the merged proposals mapped into each view, run through the cascade (``refine_and_score``),
+   mapped back; boxes and class scores averaged over the views (row i is proposal i in every view), then
+   the RoI head's own ``multiclass_nms`` (hard or Soft-NMS, per its ``nms_type``);
+3. masks: the final boxes mapped into each view, the mask heads' probabilities un-flipped and averaged,
+   each detection's class channel pasted into the original image.
+
+Frames. mmdet merges in the original image's frame; we merge in the frame of the batch image (the test
+scale), which is the original frame times the batch's ``scale_factor``. Averaging is linear and IoU is
+scale-invariant, so the results are mmdet's up to float rounding, and a view at the batch's own size maps
+with a factor of exactly 1: one such view without flip reproduces ``Detector.predict`` bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import nms
+
+from .data.transforms import rescale_size
+from .models.detector import proposals_to_detections
+from .models.layers.masks import paste_masks
+from .models.layers.nms import multiclass_nms
+from .models.roi_heads.htc import boxes_to_rois
+from .structures import Detections, ImageMeta
+
+# The 2018 entry's test scales as (short, long) edges, mmdet's img_scale order does not matter here.
+ENTRY2018_SCALES: tuple[tuple[int, int], ...] = ((600, 900), (800, 1200), (1000, 1500), (1200, 1800), (1400, 2100))
+
+
+@dataclass(frozen=True)
+class View:
+    """One augmentation of an image. ``factor`` (fx, fy) maps the reference frame (the batch image's) into this
+    view before any flip; ``size`` is the view's (h, w) before padding, whose width mirrors flipped boxes."""
+
+    size: tuple[int, int]
+    flip: bool
+    factor: tuple[float, float]
+
+    @property
+    def is_reference(self) -> bool:
+        return not self.flip and self.factor == (1.0, 1.0)
+
+
+def flip_boxes(boxes: Tensor, width: float) -> Tensor:
+    """Mirror xyxy boxes (..., 4 or more columns; extra columns untouched) in an image ``width`` wide:
+    x1' = W - x2, x2' = W - x1, in float (mmdet 2.x's ``bbox_flip``, no -1, no rounding)."""
+    out = boxes.clone()
+    out[..., 0] = width - boxes[..., 2]
+    out[..., 2] = width - boxes[..., 0]
+    return out
+
+
+def boxes_to_view(boxes: Tensor, view: View) -> Tensor:
+    """Reference-frame xyxy boxes (..., 4) -> the view's frame: scale, then flip (mmdet's ``bbox_mapping``)."""
+    fx, fy = view.factor
+    out = boxes * boxes.new_tensor([fx, fy, fx, fy])
+    return flip_boxes(out, view.size[1]) if view.flip else out
+
+
+def boxes_from_view(boxes: Tensor, view: View) -> Tensor:
+    """The view's xyxy boxes (..., 4) -> reference frame: un-flip, then unscale (``bbox_mapping_back``)."""
+    if view.flip:
+        boxes = flip_boxes(boxes, view.size[1])
+    fx, fy = view.factor
+    return boxes / boxes.new_tensor([fx, fy, fx, fy])
+
+
+def merge_proposals(proposals: Sequence[Tensor], iou_threshold: float, max_num: int) -> Tensor:
+    """Per-view (N_v, 5) proposals already in one frame -> class-agnostic NMS, the best ``max_num`` by score
+    (mmdet's ``merge_aug_proposals``). A single view is returned as is: mmdet 2.x sends a one-view test
+    through plain inference, whose RPN proposals are NMSed per level only."""
+    if len(proposals) == 1:
+        return proposals[0]
+    merged = torch.cat(list(proposals))
+    keep = nms(merged[:, :4].float(), merged[:, 4].float(), float(iou_threshold))  # by decreasing score
+    return merged[keep[:max_num]]
+
+
+@dataclass
+class ViewRun:
+    """What one view computes once and the box and mask steps reuse."""
+
+    feats: list[Tensor]
+    semantic_feat: Tensor | None
+    proposals: Tensor     # (N, 5) in the reference frame
+
+
+class TestTimeAugmentation:
+    """Args:
+        scales: test scales as (short, long) or (long, short) edge pairs; each view is resized from the
+            original size keeping the ratio (mmcv's ``imrescale``: factor ``min(long / max(h, w), short /
+            min(h, w))``, sizes ``int(x * factor + 0.5)``). Default: the COCO 2018 entry's five scales.
+        flip: add the horizontally flipped image at every scale.
+        size_divisor: views are zero-padded to a multiple of this (the batch's padding).
+    """
+
+    __test__ = False  # not a pytest class, whatever its name says
+
+    def __init__(self, scales: Sequence[tuple[int, int]] = ENTRY2018_SCALES, flip: bool = True,
+                 size_divisor: int = 32) -> None:
+        scales = [tuple(int(v) for v in s) for s in scales]
+        if not scales:
+            raise ValueError("TestTimeAugmentation: scales is empty")
+        bad = [s for s in scales if len(s) != 2 or min(s) <= 0]
+        if bad:
+            raise ValueError(f"TestTimeAugmentation: scales {bad} are not pairs of positive edge lengths")
+        if size_divisor < 1:
+            raise ValueError(f"TestTimeAugmentation: size_divisor must be >= 1, got {size_divisor}")
+        self.scales = scales
+        self.flip = flip
+        self.size_divisor = size_divisor
+
+    def __repr__(self) -> str:
+        return f"TestTimeAugmentation(scales={self.scales}, flip={self.flip}, size_divisor={self.size_divisor})"
+
+    # ---- views ----------------------------------------------------------------------------------------------
+    def views(self, meta: ImageMeta) -> list[View]:
+        """Scale after scale, each unflipped then flipped (mmdet's ``MultiScaleFlipAug`` order)."""
+        if "orig_size" not in meta or "img_size" not in meta:
+            raise ValueError(f"TestTimeAugmentation: image {meta.get('image_id')} has no orig_size/img_size in "
+                             "its meta; the views are sized from the original image")
+        orig_h, orig_w = (int(v) for v in meta["orig_size"])
+        ref_size = tuple(int(v) for v in meta["img_size"])
+        sx, sy = meta.get("scale_factor", (1.0, 1.0))
+        out = []
+        for scale in self.scales:
+            size = rescale_size(orig_h, orig_w, scale)
+            # view = original * (new / orig) = reference * (new / orig) / scale_factor
+            factor = (1.0, 1.0) if size == ref_size else (size[1] / orig_w / sx, size[0] / orig_h / sy)
+            for flip in ((False, True) if self.flip else (False,)):
+                out.append(View(size, flip, factor))
+        return out
+
+    def view_image(self, image: Tensor, meta: ImageMeta, view: View) -> Tensor:
+        """(1, 3, H, W) input of ``view`` from one batch image (3, Hp, Wp): the un-padded region resized
+        bilinearly (normalising commutes with it), flipped, zero-padded. A reference view is the batch image."""
+        if view.is_reference:
+            return image[None]
+        h, w = (int(v) for v in meta["img_size"])
+        x = image[None, :, :h, :w]
+        if tuple(view.size) != (h, w):
+            x = F.interpolate(x, size=view.size, mode="bilinear", align_corners=False)
+        if view.flip:
+            x = torch.flip(x, dims=[3])
+        d = self.size_divisor
+        pad_h, pad_w = -view.size[0] % d, -view.size[1] % d
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x.contiguous()
+
+    # ---- inference ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, detector: nn.Module, images: Tensor, metas: Sequence[ImageMeta]) -> list[Detections]:
+        """Detections in the original frame, one per image of the batch (images go one at a time)."""
+        if images.shape[0] != len(metas):
+            raise ValueError(f"TestTimeAugmentation.predict: {images.shape[0]} images but {len(metas)} metas")
+        return [self.predict_image(detector, images[i], meta) for i, meta in enumerate(metas)]
+
+    @torch.no_grad()
+    def predict_image(self, detector: nn.Module, image: Tensor, meta: ImageMeta) -> Detections:
+        """One batch image (3, Hp, Wp) with its meta -> its merged detections in the original frame."""
+        views = self.views(meta)
+        runs = [self.run_view(detector, image, meta, v) for v in views]
+        rpn = detector.rpn_head
+        proposals = merge_proposals([r.proposals for r in runs], rpn.nms_iou, rpn.test_max_per_img)
+        if detector.roi_head is None:
+            return proposals_to_detections(proposals, meta)
+        return self._detect(detector.roi_head, views, runs, proposals, meta)
+
+    def run_view(self, detector: nn.Module, image: Tensor, meta: ImageMeta, view: View) -> ViewRun:
+        """FPN features, semantic feature and RPN proposals (mapped back to the reference frame) of a view."""
+        feats = detector.extract_feats(self.view_image(image, meta, view))
+        props = detector.rpn_head.proposals(detector.rpn_head(feats), [view.size])[0]
+        props = torch.cat([boxes_from_view(props[:, :4], view), props[:, 4:]], 1)
+        semantic_feat = None
+        if detector.roi_head is not None:
+            sem = detector.roi_head.semantic(feats)
+            semantic_feat = None if sem is None else sem[1]
+        return ViewRun(feats, semantic_feat, props)
+
+    def _detect(self, head: nn.Module, views: list[View], runs: list[ViewRun], proposals: Tensor,
+                meta: ImageMeta) -> Detections:
+        device = runs[0].feats[0].device
+        orig_h, orig_w = (int(v) for v in meta["orig_size"])
+        sx, sy = meta.get("scale_factor", (1.0, 1.0))
+        proposals = proposals.to(device)
+        if proposals.shape[0] == 0:
+            empty = proposals.new_zeros(0, 4)
+            masks = torch.zeros(0, orig_h, orig_w, dtype=torch.bool, device=device) if head.with_mask else None
+            return Detections(empty, proposals.new_zeros(0), torch.zeros(0, dtype=torch.long, device=device), masks)
+
+        all_scores, all_boxes = [], []
+        for view, run in zip(views, runs):
+            rois = boxes_to_rois([boxes_to_view(proposals[:, :4], view)])
+            scores, boxes = head.refine_and_score(run.feats, rois, [view.size], run.semantic_feat)
+            all_scores.append(scores)
+            all_boxes.append(boxes_from_view(boxes, view))
+        scores = torch.stack(all_scores).mean(0)[:, :-1]
+        boxes = torch.stack(all_boxes).mean(0)
+        to_orig = boxes.new_tensor([sx, sy, sx, sy])
+        if not head.with_mask:
+            # as HTCRoIHead.predict: a box-only head suppresses in the original frame
+            boxes = boxes / to_orig
+        det_boxes, det_scores, det_labels, _ = multiclass_nms(
+            boxes, scores, head.score_thr, head.nms_iou, head.max_per_img, head.nms_type, head.soft_nms_sigma,
+            head.soft_nms_min_score)
+        if not head.with_mask:
+            return Detections(det_boxes, det_scores, det_labels)
+
+        final_boxes = det_boxes / to_orig
+        if det_boxes.shape[0] == 0:
+            return Detections(final_boxes, det_scores, det_labels,
+                              torch.zeros(0, orig_h, orig_w, dtype=torch.bool, device=device))
+        # mask_probs already merges the stages (mean or last, per mask_merge); with the same number of stages in
+        # every view, the mean over views of the stage means is mmdet 2.x's mean over views x stages
+        probs = []
+        for view, run in zip(views, runs):
+            rois = boxes_to_rois([boxes_to_view(det_boxes, view)])
+            p = head.mask_probs(run.feats, rois, run.semantic_feat)
+            probs.append(p.flip(-1) if view.flip else p)
+        probs = torch.stack(probs).mean(0)
+        probs = probs[torch.arange(len(det_labels), device=probs.device), det_labels]
+        masks = paste_masks(probs, final_boxes, orig_h, orig_w, threshold=head.mask_thr)
+        return Detections(final_boxes, det_scores, det_labels, masks)
