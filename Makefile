@@ -14,7 +14,7 @@ $(PY): pyproject.toml constraints.txt
 venv: $(PY)
 
 $(DATA)/annotations/instances_val2017.json: | $(PY)
-	$(PY) -m htc_lightning.data.synthetic --out $(DATA) --num-train 400 --num-val 50 --seed 0 --image-size 160 160
+	$(PY) -m htc_lightning.data.synthetic --out $(DATA) --num-train 300 --num-val 50 --seed 0 --image-size 128 128
 
 demo: $(PY) $(DATA)/annotations/instances_val2017.json
 	$(PY) cli.py fit --config configs/demo/htc_tiny_synthetic.yaml

@@ -148,5 +148,6 @@ def test_semantic_config_without_stuff_maps_fails_at_setup_naming_the_config_to_
                        "htc_tiny_synthetic.yaml")
     with pytest.raises(ValueError, match="htc-without-semantic_r50_fpn_1x_coco.yaml"):
         main(["fit", "--config", cfg, "--data.init_args.data_root", str(coco_root),
-              "--data.init_args.stuff_maps", "null", "--data.init_args.num_workers", "0", "--trainer.max_steps", "1", "--trainer.logger", "false",
+              "--data.init_args.stuff_maps", "null", "--data.init_args.num_workers", "0",
+              "--trainer.max_steps", "1", "--trainer.logger", "false",
               "--trainer.default_root_dir", str(tmp_path)])
