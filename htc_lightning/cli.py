@@ -11,9 +11,11 @@ Every part is chosen by ``class_path`` (detector, backbone, heads, datamodule). 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -87,6 +89,24 @@ class HTCLightningCLI(LightningCLI):
         if group is not None:
             group._group_actions = [a for a in group._group_actions
                                     if getattr(a, "target", (None,))[0] != ROI_HEAD_NUM_CLASSES]
+
+    def _parse_ckpt_path(self) -> None:
+        """``test/predict --ckpt_path FILE``: take only the architecture (the detector) from the checkpoint's
+        hyperparameters. Lightning's default applies all of them over the config, which would silently undo
+        evaluation settings given in the config or on the command line (``outfile_prefix``, ``backend``, ...)."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        if "detector" not in hparams:
+            return
+        # the whole model entry as parsed, with the checkpoint's detector: parsing a partial entry would reset
+        # the other init_args to their defaults
+        model = self.config[self.config.subcommand]["model"].as_dict()
+        model.setdefault("init_args", {})["detector"] = hparams["detector"]
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -63,8 +63,23 @@ def test_real_htc_fit_resume_test_and_predict(tmp_path, coco_root):
     resumed = HTCLightningCLI(args=["fit", "--config", config, "--trainer.max_steps", "3", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 3
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    tested = HTCLightningCLI(args=["test", "--config", config, "--ckpt_path", last])
-    assert "test/segm_mAP" in tested.trainer.callback_metrics
+    prefix = str(tmp_path / "results")
+    tested = HTCLightningCLI(args=["test", "--config", config, "--ckpt_path", last,
+                                   "--model.init_args.outfile_prefix", prefix])
+    metrics = tested.trainer.callback_metrics
+    # the logged AP is what pycocotools computes on the COCO json the run wrote
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(tested.datamodule.test_ann_file)
+    for iou_type in ("bbox", "segm"):
+        written = sorted(tmp_path.glob(f"results*{iou_type}.json"))
+        assert written, list(tmp_path.iterdir())
+        ev = COCOeval(gt, gt.loadRes(str(written[0])), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert float(metrics[f"test/{iou_type}_mAP"]) == pytest.approx(ev.stats[0], abs=1e-6)
     out = tmp_path / "pred"
     HTCLightningCLI(args=["predict", "--config", config, "--ckpt_path", last, "--prediction_writer.output_dir",
                           str(out), "--prediction_writer.draw", "true", "--prediction_writer.score_thr", "0.0"])
