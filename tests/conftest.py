@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -222,3 +223,11 @@ class TinyCocoDataModule(pl.LightningDataModule):
 
 def make_detector(num_classes: int = 2, init_offset: float = 3.0, **kwargs) -> FakeDetector:
     return FakeDetector(FakeRoIHead(num_classes, init_offset), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    """A small synthetic COCO folder (4 train / 2 val images at 64 px, with stuff maps)."""
+    from htc_lightning.data.synthetic import make_synthetic_coco
+
+    return make_synthetic_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=2, seed=0, image_size=(64, 64))

@@ -14,13 +14,6 @@ import yaml
 from htc_lightning.cli import HTCLightningCLI
 
 
-@pytest.fixture(scope="module")
-def coco_root(tmp_path_factory):
-    from htc_lightning.data.synthetic import make_synthetic_coco
-
-    return make_synthetic_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=2, seed=0, image_size=(64, 64))
-
-
 def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
     head = {"in_channels": 32, "fc_out_channels": 64, "mask_conv_channels": 32, "num_mask_convs": 1,
             "sampler_num": 64,

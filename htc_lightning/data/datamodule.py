@@ -1,6 +1,7 @@
 """CocoDataModule: COCO-format folders -> padded batches in the format of ``htc_lightning.structures``."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -165,7 +166,8 @@ class CocoDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=DetectionCollate(self.size_divisor),
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=_ignore_sigterm, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -201,3 +203,10 @@ class CocoDataModule(pl.LightningDataModule):
             self.setup("predict")
         # Lightning shards prediction itself (UnrepeatedDistributedSampler) to track indices.
         return self._loader(self.predict_dataset, batch_size=self.val_batch_size, shuffle=False)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # A cluster's SIGTERM (SLURM, `timeout`, Kubernetes) reaches the whole process group. A worker that dies of
+    # it makes the main process fail on its next batch before it can write its SIGTERM checkpoint; workers
+    # leave the signal to the main process, which checkpoints and then shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
