@@ -77,7 +77,9 @@ def _measure_ours(opts: dict) -> dict:
 
     torch.set_num_threads(opts["threads"])
     device = opts["device"]
-    det = build_detector(opts["config"]).to(device)
+    # random weights, COCO's 80 classes (no data module here to link them from)
+    det = build_detector(opts["config"], ["backbone.init_args.pretrained=false",
+                                          "roi_head.init_args.num_classes=80"]).to(device)
     images, targets = synthetic_batch(opts["batch"], opts["height"], opts["width"], opts["objects"])
     images = images.to(device)
     targets = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
