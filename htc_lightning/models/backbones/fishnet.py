@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .freezing import apply_freezing
+
 NETWORK_PLANES = (64, 128, 256, 512, 512, 512, 384, 256, 320, 832, 1600)
 # depth -> (residual blocks per stage, transfer blocks per body/head stage), from the authors' model definitions
 CONFIGS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -203,7 +205,7 @@ class FishNet(nn.Module):
         self._init_weights()
         if weights is not None:
             self.load_weights(weights)
-        self._freeze_stages()
+        self.train(self.training)  # apply frozen_stages now, not only at the first .train()
 
     def _init_weights(self) -> None:
         # the authors' initialisation: He-normal (fan-out) convolutions, unit BN
@@ -252,21 +254,10 @@ class FishNet(nn.Module):
         ordered = [*self.tail, self.bridge, *self.body, *self.head]
         return modules + ordered[:n]
 
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        for module in self._stage_modules(self.frozen_stages):
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad_(False)
-
     def train(self, mode: bool = True) -> FishNet:
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
+        frozen = self._stage_modules(self.frozen_stages) if self.frozen_stages >= 0 else []
+        apply_freezing(self, frozen, self.norm_eval, mode)
         return self
 
     # ------------------------------------------------------------------ checkpoints

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import timm
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from htc_lightning.models.backbones.dcn import DeformConv2d
+from htc_lightning.models.backbones.freezing import apply_freezing
 
 # Classifier weights of full ImageNet checkpoints; a feature extractor has no use for them.
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.", "last_linear.", "head.")
@@ -75,7 +75,7 @@ class TimmBackbone(nn.Module):
             self._make_stage_deformable(stage)
         if weights is not None:
             self.load_weights(weights)
-        self._freeze_stages()
+        self.train(self.training)  # apply frozen_stages now, not only at the first .train()
 
     # ------------------------------------------------------------------ structure
     def stage_modules(self, stage: int) -> Iterator[nn.Module]:
@@ -96,20 +96,10 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"TimmBackbone({self.model_name!r}): dcn_stages has {stage}, but that stage has no "
                              f"bottleneck with a 3x3 'conv2' to make deformable")
 
-    def _freeze_stages(self) -> None:
-        for stage in range(self.frozen_stages + 1):
-            for module in self.stage_modules(stage):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad_(False)
-
     def train(self, mode: bool = True) -> TimmBackbone:
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
+        frozen = [m for stage in range(self.frozen_stages + 1) for m in self.stage_modules(stage)]
+        apply_freezing(self, frozen, self.norm_eval, mode)
         return self
 
     # ------------------------------------------------------------------ forward
