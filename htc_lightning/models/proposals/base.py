@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
+from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.samplers import RandomSampler
 
 
@@ -87,3 +88,25 @@ def unmap(data: Tensor, inside: Tensor, fill: float = 0) -> Tensor:
 def flatten_levels(maps: Sequence[Tensor], channels: int) -> Tensor:
     """(B, A*C, H, W) per level -> (B, sum(H*W*A), C), anchor index (y * W + x) * A + a as mmdet."""
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
+
+
+def objectness_and_delta_losses(per_image: Sequence[AnchorTargets], cls_scores: Sequence[Tensor],
+                                bbox_preds: Sequence[Tensor], bbox_loss: str = "smooth_l1",
+                                smooth_l1_beta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Sigmoid objectness and box-delta losses over the sampled anchors of a batch, both divided by the
+    sampled count summed over the batch and the levels, as mmdet normalises every level's loss."""
+    avg_factor = float(sum(t.avg_factor for t in per_image))
+    labels = torch.stack([t.labels for t in per_image]).flatten()
+    label_weights = torch.stack([t.label_weights for t in per_image]).flatten()
+    bbox_targets = torch.stack([t.bbox_targets for t in per_image]).reshape(-1, 4)
+    bbox_weights = torch.stack([t.bbox_weights for t in per_image]).reshape(-1, 4)
+    logits = flatten_levels(cls_scores, 1).reshape(-1, 1)
+    deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
+    loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
+                                    avg_factor=avg_factor)
+    if bbox_loss == "l1":
+        loss_bbox = l1_loss(deltas, bbox_targets, weight=bbox_weights, avg_factor=avg_factor)
+    else:
+        loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=smooth_l1_beta, weight=bbox_weights,
+                                   avg_factor=avg_factor)
+    return loss_cls, loss_bbox

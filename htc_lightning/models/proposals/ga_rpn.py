@@ -15,9 +15,9 @@ from torchvision.ops import DeformConv2d, nms
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
-from ..layers.losses import binary_cross_entropy, bounded_iou_loss, focal_loss, smooth_l1_loss
+from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
-from .base import anchor_targets, flatten_levels, pad_size_of
+from .base import anchor_targets, flatten_levels, objectness_and_delta_losses, pad_size_of
 from .ga_targets import location_targets, shape_targets
 
 GARaw = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
@@ -174,17 +174,8 @@ class GARPN(nn.Module):
             loss_shape = shape_flat.sum() * 0
 
         # objectness and deltas on the guided anchors of all locations (no location filter in training)
-        avg_factor = float(sum(t.avg_factor for t in cls_targets))
-        labels = torch.stack([t.labels for t in cls_targets]).flatten()
-        label_weights = torch.stack([t.label_weights for t in cls_targets]).flatten()
-        bbox_targets = torch.stack([t.bbox_targets for t in cls_targets]).reshape(-1, 4)
-        bbox_weights = torch.stack([t.bbox_weights for t in cls_targets]).reshape(-1, 4)
-        logits = flatten_levels(cls_scores, 1).reshape(-1, 1)
-        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
-        loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
-                                        avg_factor=avg_factor)
-        loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
-                                   avg_factor=avg_factor)
+        loss_cls, loss_bbox = objectness_and_delta_losses(cls_targets, cls_scores, bbox_preds,
+                                                          smooth_l1_beta=self.smooth_l1_beta)
         return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox,
                 "loss_anchor_shape": self.loss_shape_weight * loss_shape,
                 "loss_anchor_loc": self.loss_loc_weight * loss_loc}

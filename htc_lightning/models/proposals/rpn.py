@@ -10,10 +10,9 @@ from torch import Tensor, nn
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
-from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.nms import batched_nms
 from ..layers.samplers import RandomSampler
-from .base import anchor_targets, flatten_levels, pad_size_of
+from .base import anchor_targets, objectness_and_delta_losses, pad_size_of
 
 
 class RPN(nn.Module):
@@ -86,22 +85,8 @@ class RPN(nn.Module):
             valid = torch.cat(self.anchor_generator.valid_flags(sizes, pad_size_of(target, img_size), device))
             inside = anchor_inside_flags(anchors, valid, img_size, self.allowed_border)
             per_image.append(anchor_targets(anchors, inside, target, self.assigner, self.sampler, self.box_coder))
-        # mmdet normalises every level's loss by the sampled count summed over the batch
-        avg_factor = float(sum(t.avg_factor for t in per_image))
-        labels = torch.stack([t.labels for t in per_image]).flatten()
-        label_weights = torch.stack([t.label_weights for t in per_image]).flatten()
-        bbox_targets = torch.stack([t.bbox_targets for t in per_image]).reshape(-1, 4)
-        bbox_weights = torch.stack([t.bbox_weights for t in per_image]).reshape(-1, 4)
-
-        logits = flatten_levels(cls_scores, 1).reshape(-1, 1)
-        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
-        loss_cls = binary_cross_entropy(logits, (labels == 0).to(logits.dtype)[:, None], label_weights[:, None],
-                                        avg_factor=avg_factor)
-        if self.bbox_loss == "l1":
-            loss_bbox = l1_loss(deltas, bbox_targets, weight=bbox_weights, avg_factor=avg_factor)
-        else:
-            loss_bbox = smooth_l1_loss(deltas, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights,
-                                       avg_factor=avg_factor)
+        loss_cls, loss_bbox = objectness_and_delta_losses(per_image, cls_scores, bbox_preds, self.bbox_loss,
+                                                          self.smooth_l1_beta)
         return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox}
 
     @torch.no_grad()
