@@ -1,18 +1,22 @@
-"""RoIAlign backward on CPU: torchvision's ``_roi_align_backward`` vs ``htc_lightning.models.layers.roi_align``.
+"""RoIAlign on CPU: torchvision's kernels vs ``htc_lightning.models.layers.roi_align``, forward and backward.
 
 Features (``--batch``, ``--channels``, ``--size`` x ``--size``) at ``--stride``; RoIs of ``--min-roi`` ..
-``--max-roi`` input pixels on random images. For each thread count, output size and RoI count: the forward
-time (torchvision's, shared by both), and the backward time of both, median of ``--runs`` after one warm-up,
-plus the max abs difference of the two feature gradients.
+``--max-roi`` input pixels on random images. For each thread count, output size and RoI count: forward and
+backward time of both, median of ``--runs`` after one warm-up, and the max abs difference of the outputs and
+of the feature gradients. ``--avg-pool 2`` times HTC's box-branch semantic feature instead: torchvision's
+RoIAlign then ``adaptive_avg_pool2d`` to half the size, against ours with the pooling folded in.
 
     python benchmarks/roi_align_speed.py                       # 1 and 2 threads, 7x7 and 14x14
     python benchmarks/roi_align_speed.py --rois 256 1024 --threads 1 --runs 5
+    python benchmarks/roi_align_speed.py --batch 1 --channels 256 --size 100 --stride 8 --max-roi 400 \\
+        --outputs 14 --avg-pool 2 --rois 1000            # HTC's semantic RoI feature for 1000 proposals
 """
 import argparse
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align as tv_roi_align
 
 from htc_lightning.models.layers.roi_align import roi_align
@@ -26,20 +30,20 @@ def make_rois(n: int, batch: int, image_size: float, min_roi: float, max_roi: fl
     return torch.cat([b, xy, xy + wh], 1)
 
 
-def time_backward(fn, feat: torch.Tensor, rois: torch.Tensor, size: int, scale: float, upstream: torch.Tensor,
-                  runs: int) -> tuple[float, float, torch.Tensor]:
-    """(median forward seconds, median backward seconds, feature gradient)."""
+def time_both(fn, feat: torch.Tensor, rois: torch.Tensor, size: int, scale: float, upstream: torch.Tensor,
+              runs: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(median forward seconds, median backward seconds, output, feature gradient)."""
     fwd, bwd = [], []
     for _ in range(runs + 1):
         x = feat.detach().requires_grad_(True)
         t0 = time.perf_counter()
-        out = fn(x, rois, size, scale, 0, True)
+        out = fn(x, rois, size, scale)
         t1 = time.perf_counter()
         out.backward(upstream)
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-    return statistics.median(fwd[1:]), statistics.median(bwd[1:]), x.grad
+    return statistics.median(fwd[1:]), statistics.median(bwd[1:]), out.detach(), x.grad
 
 
 def main() -> None:
@@ -54,27 +58,37 @@ def main() -> None:
     parser.add_argument("--outputs", type=int, nargs="+", default=[7, 14])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--avg-pool", type=int, default=1, help="pool the output by this factor (HTC: 2)")
     args = parser.parse_args()
+    pool = args.avg_pool
+
+    def reference(x, rois, size, scale):
+        out = tv_roi_align(x, rois, size, scale, 0, True)
+        return F.adaptive_avg_pool2d(out, size // pool) if pool > 1 else out
+
+    def ours(x, rois, size, scale):
+        return roi_align(x, rois, size, scale, 0, True, avg_pool=pool)
 
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(args.batch, args.channels, args.size, args.size, generator=g)
     scale = 1.0 / args.stride
     print(f"features {tuple(feat.shape)} at stride {args.stride}; rois {args.min_roi:g}-{args.max_roi:g} px; "
           f"median of {args.runs}")
-    print(f"{'threads':>7} {'out':>5} {'rois':>6} {'fwd ms':>8} {'tv bwd ms':>10} {'ours bwd ms':>12} "
-          f"{'speed-up':>9} {'max |diff|':>11}")
+    print(f"{'threads':>7} {'out':>5} {'rois':>6} | {'tv fwd ms':>9} {'ours fwd ms':>11} {'speed-up':>8} "
+          f"{'max |diff|':>10} | {'tv bwd ms':>9} {'ours bwd ms':>11} {'speed-up':>8} {'max |diff|':>10}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for size in args.outputs:
             for n in args.rois:
                 rois = make_rois(n, args.batch, args.size * args.stride, args.min_roi, args.max_roi, g)
-                upstream = torch.randn(n, args.channels, size, size, generator=g)
-                fwd, tv_bwd, tv_grad = time_backward(tv_roi_align, feat, rois, size, scale, upstream, args.runs)
-                _, our_bwd, our_grad = time_backward(roi_align, feat, rois, size, scale, upstream, args.runs)
-                diff = (our_grad - tv_grad).abs().max().item()
-                print(f"{threads:>7} {size:>5} {n:>6} {1000 * fwd:>8.1f} {1000 * tv_bwd:>10.1f} "
-                      f"{1000 * our_bwd:>12.1f} {tv_bwd / our_bwd:>8.1f}x {diff:>11.2e}")
-
+                upstream = torch.randn(n, args.channels, size // pool, size // pool, generator=g)
+                tv_fwd, tv_bwd, tv_out, tv_grad = time_both(reference, feat, rois, size, scale, upstream, args.runs)
+                our_fwd, our_bwd, our_out, our_grad = time_both(ours, feat, rois, size, scale, upstream, args.runs)
+                d_out = (our_out - tv_out).abs().max().item()
+                d_grad = (our_grad - tv_grad).abs().max().item()
+                print(f"{threads:>7} {size:>5} {n:>6} | {1000 * tv_fwd:>9.1f} {1000 * our_fwd:>11.1f} "
+                      f"{tv_fwd / our_fwd:>7.1f}x {d_out:>10.2e} | {1000 * tv_bwd:>9.1f} {1000 * our_bwd:>11.1f} "
+                      f"{tv_bwd / our_bwd:>7.1f}x {d_grad:>10.2e}")
 
 if __name__ == "__main__":
     main()

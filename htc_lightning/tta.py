@@ -224,9 +224,8 @@ class TestTimeAugmentation:
         probs = []
         for view, run in zip(views, runs):
             rois = boxes_to_rois([boxes_to_view(det_boxes, view)])
-            p = head.mask_probs(run.feats, rois, run.semantic_feat)
+            p = head.mask_probs(run.feats, rois, run.semantic_feat, det_labels)
             probs.append(p.flip(-1) if view.flip else p)
         probs = torch.stack(probs).mean(0)
-        probs = probs[torch.arange(len(det_labels), device=probs.device), det_labels]
         masks = paste_masks(probs, final_boxes, orig_h, orig_w, threshold=head.mask_thr)
         return Detections(final_boxes, det_scores, det_labels, masks)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align as tv_roi_align
 
 from htc_lightning.models.layers.roi_align import roi_align, roi_align_backward_cpu
@@ -26,16 +27,124 @@ def _grads(feat, rois, size, scale, sampling_ratio=0, aligned=True, seed=0):
     return results
 
 
+@pytest.fixture(autouse=True)
+def _our_forward_at_any_width(monkeypatch):
+    """The test features are narrow; without this most of them would take torchvision's forward."""
+    import htc_lightning.models.layers.roi_align as module
+
+    monkeypatch.setattr(module, "_MIN_CHANNELS", 1)
+
+
 def _feat(batch=2, channels=3, height=12, width=15, seed=0, dtype=torch.float32):
     return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def test_forward_is_bit_identical_to_torchvision():
-    feat = _feat(channels=5)
-    rois = _rois(40, 2, 50.0, 1.0, 60.0, seed=1)
-    for size, scale, ratio, aligned in [(7, 0.25, 0, True), ((5, 3), 0.5, 2, False), (14, 0.125, 0, True)]:
-        assert torch.equal(roi_align(feat, rois, size, scale, ratio, aligned),
-                           tv_roi_align(feat, rois, size, scale, ratio, aligned))
+# both forward paths: every window batched (huge threshold), every RoI alone (threshold 0), and the default mix
+FORWARD_PATHS = [10**9, 0, None]
+
+# (feature kwargs, rois, output size, spatial scale, sampling ratio, aligned): adaptive and fixed grids,
+# unaligned, tiny and large RoIs, RoIs partly or wholly off the map, exact pixel-centre samples, a one-row map
+FORWARD_CASES = [
+    ({"channels": 5}, _rois(40, 2, 50.0, 1.0, 60.0, seed=1), 7, 0.25, 0, True),
+    ({"channels": 5}, _rois(40, 2, 50.0, 1.0, 60.0, seed=1), (5, 3), 0.5, 2, False),
+    ({"channels": 5}, _rois(40, 2, 50.0, 1.0, 60.0, seed=1), 14, 0.125, 0, True),
+    ({"channels": 4, "height": 40, "width": 50}, _rois(30, 2, 100.0, 60.0, 200.0, seed=2), 7, 0.25, 0, True),
+    ({}, _rois(60, 2, 120.0, 2.0, 90.0, seed=5, offset=40.0), 7, 0.25, 0, True),
+    ({}, torch.tensor([[0.0, -30.0, -30.0, -8.0, -6.0], [1.0, 70.0, 10.0, 90.0, 30.0], [0.0, 3.0, 3.0, 3.0, 3.0],
+                       [1.0, 5.0, 6.0, 2.0, 1.0]]), 7, 0.25, 0, True),
+    ({"height": 8, "width": 8}, torch.tensor([[0.0, 0.0, 0.0, 8.0, 8.0], [0.0, -0.5, -0.5, 8.5, 8.5],
+                                              [1.0, 7.0, 7.0, 9.0, 9.0], [1.0, -1.5, -1.5, 0.5, 0.5]]),
+     2, 1.0, 0, False),
+    ({"height": 1, "width": 9}, _rois(10, 2, 30.0, 1.0, 20.0, seed=6), 3, 0.5, 0, True),
+]
+
+
+@pytest.mark.parametrize("threshold", FORWARD_PATHS)
+@pytest.mark.parametrize("case", range(len(FORWARD_CASES)))
+def test_forward_equals_torchvision(case, threshold, monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    if threshold is not None:
+        monkeypatch.setattr(module, "_SMALL_WINDOW", threshold)
+    feat_kwargs, rois, size, scale, ratio, aligned = FORWARD_CASES[case]
+    feat = _feat(**feat_kwargs)
+    ours = roi_align(feat, rois, size, scale, ratio, aligned)
+    torch.testing.assert_close(ours, tv_roi_align(feat, rois, size, scale, ratio, aligned), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_equals_torchvision_when_small_windows_are_split_into_chunks(monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    monkeypatch.setattr(module, "_CHUNK_BYTES", 1)  # every RoI its own group
+    feat = _feat()
+    rois = _rois(25, 2, 50.0, 2.0, 60.0, seed=7)
+    torch.testing.assert_close(roi_align(feat, rois, 7, 0.25), tv_roi_align(feat, rois, 7, 0.25, 0, True),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", FORWARD_PATHS)
+def test_avg_pool_equals_roi_align_then_average_pooling(threshold, monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    if threshold is not None:
+        monkeypatch.setattr(module, "_SMALL_WINDOW", threshold)
+    feat = _feat(channels=6, height=30, width=40)
+    rois = _rois(50, 2, 250.0, 4.0, 200.0, seed=11)
+    x = feat.clone().requires_grad_(True)
+    ours = roi_align(x, rois, 14, 0.125, avg_pool=2)
+    ref_x = feat.clone().requires_grad_(True)
+    ref = F.adaptive_avg_pool2d(tv_roi_align(ref_x, rois, 14, 0.125, 0, True), 7)
+    assert ours.shape == (50, 6, 7, 7)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3))
+    ours.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_avg_pool_must_divide_the_output_size():
+    with pytest.raises(ValueError, match="avg_pool 3 must be >= 1 and divide output_size"):
+        roi_align(_feat(), _rois(2, 2, 10.0, 2.0, 5.0, seed=0), 14, 0.25, avg_pool=3)
+
+
+def test_forward_rejects_a_batch_index_outside_the_features():
+    with pytest.raises(ValueError, match="batch index 2 outside"):
+        roi_align(_feat(), torch.tensor([[2.0, 0.0, 0.0, 4.0, 4.0]]), 7, 0.25)
+
+
+def test_narrow_features_use_torchvision_forward_and_wide_ones_ours(monkeypatch):
+    import htc_lightning.models.layers.roi_align as module
+
+    monkeypatch.setattr(module, "_MIN_CHANNELS", 8)
+    calls = []
+    original = module.roi_align_forward_cpu
+    monkeypatch.setattr(module, "roi_align_forward_cpu",
+                        lambda feat, *a: calls.append(feat.shape[1]) or original(feat, *a))
+    rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=9)
+    narrow, wide = _feat(channels=4), _feat(channels=8)
+    assert torch.equal(roi_align(narrow, rois, 7, 0.25), tv_roi_align(narrow, rois, 7, 0.25, 0, True))
+    torch.testing.assert_close(roi_align(wide, rois, 7, 0.25), tv_roi_align(wide, rois, 7, 0.25, 0, True),
+                               rtol=1e-5, atol=1e-6)
+    roi_align(narrow, rois, 14, 0.25, avg_pool=2)  # pooled outputs take ours at any width
+    assert calls == [8, 4]
+
+
+def test_forward_under_cpu_autocast_pools_in_float32():
+    feat = _feat(channels=6)
+    rois = _rois(30, 2, 50.0, 2.0, 60.0, seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(feat, rois, 14, 0.25, avg_pool=2)
+    assert out.dtype == torch.float32
+    ref = F.avg_pool2d(tv_roi_align(feat, rois, 14, 0.25, 0, True), 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_and_half_features_use_torchvision_forward():
+    rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=9)
+    for dtype in (torch.float64, torch.float16):
+        feat = _feat(dtype=dtype)
+        assert torch.equal(roi_align(feat, rois.to(dtype), 7, 0.25),
+                           tv_roi_align(feat, rois.to(dtype), 7, 0.25, 0, True))
 
 
 @pytest.mark.parametrize("size", [7, 14, (3, 5)])

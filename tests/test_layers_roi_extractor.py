@@ -63,7 +63,18 @@ def test_single_stride_is_plain_roi_align():
     feat = torch.randn(1, 4, 32, 40)
     rois = torch.tensor([_square(20.0), _square(300.0)])
     out = MultiLevelRoIAlign(14, [8])([feat], rois)
-    assert torch.equal(out, roi_align(feat, rois, (14, 14), 1 / 8, 0, True))
+    torch.testing.assert_close(out, roi_align(feat, rois, (14, 14), 1 / 8, 0, True), rtol=1e-5, atol=1e-6)
+
+
+def test_avg_pool_averages_the_pooled_features_on_every_level():
+    feats = _pyramid(channels=4)
+    rois = torch.tensor([_square(s, b) for s, b in ((8.0, 0), (150.0, 1), (260.0, 0), (500.0, 1), (60.0, 1))])
+    extractor = MultiLevelRoIAlign(14, STRIDES)
+    assert len(set(extractor.map_roi_levels(rois, 4).tolist())) == 4
+    pooled = extractor(feats, rois, avg_pool=2)
+    assert pooled.shape == (5, 4, 7, 7)
+    torch.testing.assert_close(pooled, torch.nn.functional.avg_pool2d(extractor(feats, rois), 2),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_empty_rois_give_empty_output_connected_to_the_graph():

@@ -146,6 +146,21 @@ def test_mask_merge_mean_averages_the_stages_sigmoids_and_last_keeps_the_last(in
         torch.testing.assert_close(head.mask_probs(feats, rois, sem), probs[-1])
 
 
+@pytest.mark.parametrize("merge", ["mean", "last"])
+@pytest.mark.parametrize("info_flow", [True, False])
+def test_mask_probs_of_given_labels_are_those_channels_of_all_classes(merge, info_flow):
+    head = tiny_htc(mask_info_flow=info_flow, interleaved=info_flow, mask_merge=merge)
+    feats = feats64()
+    rois = torch.tensor([[0.0, 10, 10, 40, 40], [0.0, 30, 5, 60, 30], [0.0, 0, 0, 64, 64]])
+    labels = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        sem = head.semantic(feats)[1]
+        every_class = head.mask_probs(feats, rois, sem)
+        selected = head.mask_probs(feats, rois, sem, labels)
+    assert selected.shape == (3, 28, 28)
+    torch.testing.assert_close(selected, every_class[torch.arange(3), labels], rtol=1e-5, atol=1e-6)
+
+
 def test_predict_rescales_boxes_and_masks_to_the_original_frame():
     head = tiny_htc()
     meta = {"orig_size": (32, 40), "img_size": (64, 64), "scale_factor": (1.6, 2.0)}

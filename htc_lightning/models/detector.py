@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ..structures import Detections, ImageMeta
 
@@ -45,7 +46,11 @@ class Detector(nn.Module):
         return getattr(self.roi_head, "semantic_head", None) is not None
 
     def extract_feats(self, images: Tensor) -> list[Tensor]:
-        return self.neck(self.backbone(images))
+        # named scopes give benchmarks/profile_htc.py its per-part table; they cost nothing unprofiled
+        with record_function("backbone"):
+            feats = self.backbone(images)
+        with record_function("neck"):
+            return self.neck(feats)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """The FPN features (what a ``torch.compile`` or a feature probe wants)."""
@@ -55,24 +60,30 @@ class Detector(nn.Module):
         """Training losses; keys containing ``loss`` are to be summed, others (accuracies) logged."""
         feats = self.extract_feats(images)
         img_sizes = [tuple(t["meta"]["img_size"]) for t in targets]
-        raw = self.rpn_head(feats)
-        losses = dict(self.rpn_head.loss(raw, targets, img_sizes))
+        with record_function("rpn_head"):
+            raw = self.rpn_head(feats)
+            losses = dict(self.rpn_head.loss(raw, targets, img_sizes))
         if self.roi_head is not None:
             # the RPN's proposals are targets-independent inputs of the second stage: no gradient
             # flows back through them (mmdet detaches the scores and deltas it decodes)
-            with torch.no_grad():
+            with torch.no_grad(), record_function("rpn_proposals"):
                 proposals = self.rpn_head.proposals(raw, img_sizes)
-            losses.update(self.roi_head.loss(feats, proposals, targets))
+            with record_function("roi_head"):
+                losses.update(self.roi_head.loss(feats, proposals, targets))
         return losses
 
     @torch.no_grad()
     def predict(self, images: Tensor, metas: list[ImageMeta]) -> list[Detections]:
         feats = self.extract_feats(images)
         img_sizes = [tuple(m["img_size"]) for m in metas]
-        proposals = self.rpn_head.proposals(self.rpn_head(feats), img_sizes)
+        with record_function("rpn_head"):
+            raw = self.rpn_head(feats)
+        with record_function("rpn_proposals"):
+            proposals = self.rpn_head.proposals(raw, img_sizes)
         if self.roi_head is None:
             return [proposals_to_detections(p, m) for p, m in zip(proposals, metas)]
-        return self.roi_head.predict(feats, proposals, metas)
+        with record_function("roi_head"):
+            return self.roi_head.predict(feats, proposals, metas)
 
     def keep_all_samples(self) -> None:
         """Every sampler keeps all its candidates (loss parity with mmdet's ``num=10**7`` dumps)."""

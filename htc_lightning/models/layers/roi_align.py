@@ -1,23 +1,33 @@
-"""``torchvision.ops.roi_align`` with a fast CPU backward.
+"""RoIAlign (torchvision's semantics) with a fast CPU forward and backward.
 
-The forward is torchvision's own op, so pooled features are bit-identical to it (and to mmdet, whose
-``RoIAlign`` computes the same thing). torchvision's CPU backward is a serial scatter that recomputes the
-bilinear weights for every channel; on a CPU training step it dominated the whole step. Here the backward
-builds the interpolation weights once per RoI and applies them to all channels at once:
+torchvision's CPU kernels are serial and scalar: the forward interpolates every (RoI, channel, bin, sample)
+on its own, and the backward is a scatter that recomputes the bilinear weights for every channel. On a CPU
+step of HTC they were a large part of inference and most of training. Both directions here rest on one fact:
+the sampling grid of a bin is a product of its y and x samples, and a bilinear weight is a product of a
+y-weight and an x-weight, so RoIAlign of one RoI is ``A_y @ F @ A_x^T`` on the window of the feature map
+its taps touch, where ``A_y`` (bins x window rows) and ``A_x`` (bins x window columns) hold each bin's
+summed tap weights. Those are built once per RoI and applied to all channels with matrix products.
 
-* the sampling grid of a bin is a product of its y and x samples, and a bilinear weight is a product of a
-  y-weight and an x-weight, so the x-contraction is a dense batched matmul over a per-RoI column window;
-* the remaining y-contraction is a sparse (pixels x window-rows) matrix times the dense (window-rows x
-  channels) result, accumulated with a sparse-dense ``addmm_`` (one axpy over the channels per entry).
+* Forward (float32/bfloat16 features of at least ``_MIN_CHANNELS`` channels, or a pooled output; narrower
+  ones keep torchvision's kernel, which is faster there): RoIs with a small window are batched (their
+  windows gathered as rows of channels, padded to a chunk's largest); large ones run one at a time on a
+  strided view of the map, without a copy. ``avg_pool`` folds an average pooling of the output into
+  ``A_y``/``A_x`` (HTC pools the 14x14 semantic RoI feature to 7x7 for its box branch), which is exact and
+  skips the large intermediate.
+* Backward: the x-contraction is a dense batched matmul over a per-RoI column window; the remaining
+  y-contraction is a sparse (pixels x window-rows) matrix times the dense (window-rows x channels) result,
+  accumulated with a sparse-dense ``addmm_`` (one axpy over the channels per entry).
 
 Sample positions, the adaptive grid (``ceil(roi / bins)`` samples per bin), the out-of-map rule and the edge
 clamping follow torchvision's CPU kernel (``roi_align_kernel.cpp``) operation by operation in float32, so
-gradients match torchvision's up to the order of float summation. CUDA tensors use torchvision's backward.
+results match torchvision's up to the order of float summation (max abs diff ~1e-6 on unit-scale features).
+Other dtypes than float32/bfloat16, and CUDA tensors, use torchvision's kernels.
 """
 import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align as tv_roi_align
@@ -192,25 +202,145 @@ def _accumulate(out: Tensor, grad: Tensor, rois: Tensor, spatial_scale: float, p
         _backward_chunk(sub_grad.float().contiguous(), sub_rois, sub_geometry, pooled, height, width, out)
 
 
+# Windows of at most this many pixels are gathered and batched; larger ones run one RoI at a time on a view
+# of the map (a per-RoI matmul beats copying a big window; for small ones the per-call overhead dominates).
+# Measured in benchmarks/roi_align_speed.py.
+_SMALL_WINDOW = 64
+# Below this many channels torchvision's forward kernel is as fast or faster (its cost is per channel, ours
+# has a per-RoI setup to amortise): 0.5-0.9x at 32-128 channels, 1.9-3.5x faster at 256 on FPN-level RoIs
+# (benchmarks/roi_align_speed.py --channels). A pooled output (avg_pool > 1) is faster at any width.
+_MIN_CHANNELS = 256
+
+
+def _axis_weights(start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, size: int,
+                  pool: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One axis of the separable RoIAlign: (weights (K, bins // pool, win), first pixel (K,), span (K,)).
+    ``weights[k, p, j]`` sums the bilinear weights that bin p of RoI k puts on pixel ``first[k] + j`` (not yet
+    divided by the sample count); ``span`` is the number of pixels RoI k touches (``win`` the largest)."""
+    low, high, w_low, w_high = _axis_samples(start, bin_size, grid, bins, size, max(int(grid.max()), 1))
+    tapped = (w_low + w_high) > 0
+    first = torch.where(tapped, low, size).amin(dim=(1, 2)).clamp(max=size - 1)
+    rel_high = high - first[:, None, None]
+    span = torch.where(tapped, rel_high, 0).amax(dim=(1, 2)) + 1
+    win = int(span.max())
+    # untapped samples (zero weight) may sit anywhere; keep their indices inside the window
+    rel_low = (low - first[:, None, None]).clamp(min=0, max=win - 1)
+    rel_high = rel_high.clamp(min=0, max=win - 1)
+    num = start.shape[0]
+    weights = start.new_zeros(num, bins, win)
+    weights.scatter_add_(2, rel_low.view(num, bins, -1), w_low.view(num, bins, -1))
+    weights.scatter_add_(2, rel_high.view(num, bins, -1), w_high.view(num, bins, -1))
+    if pool > 1:
+        weights = weights.view(num, bins // pool, pool, win).mean(2)
+    return weights, first, span
+
+
+def _small_window_groups(span_y: Tensor, span_x: Tensor, small: Tensor, channels: int) -> list[Tensor]:
+    """Index groups of the small-window RoIs, sorted by window so that padding to a group's largest stays
+    within ~25 %, each gathering at most ``_CHUNK_BYTES``."""
+    num_small = int(small.sum())
+    if num_small == 0:
+        return []
+    key = torch.where(small, span_y * (int(span_x.max()) + 1) + span_x, -1)
+    order = torch.argsort(key, stable=True)[len(key) - num_small:]
+    sy, sx = span_y[order].tolist(), span_x[order].tolist()
+    groups, start, max_y, max_x = [], 0, 0, 0
+    for i in range(num_small):
+        new_y, new_x = max(max_y, sy[i]), max(max_x, sx[i])
+        too_big = (i - start + 1) * new_y * new_x * channels * 4 > _CHUNK_BYTES
+        too_padded = new_y * new_x > 1.25 * sy[start] * sx[start] + 16
+        if i > start and (too_big or too_padded):
+            groups.append(order[start:i])
+            start, new_y, new_x = i, sy[i], sx[i]
+        max_y, max_x = new_y, new_x
+    groups.append(order[start:])
+    return groups
+
+
+def roi_align_forward_cpu(feat: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
+                          sampling_ratio: int, aligned: bool, avg_pool: int = 1) -> Tensor:
+    """``roi_align`` of float32 CPU features, (K, C, out_h // avg_pool, out_w // avg_pool) float32."""
+    batch, channels, height, width = feat.shape
+    ph, pw = pooled
+    num = rois.shape[0]
+    out = feat.new_empty(num, channels, ph // avg_pool, pw // avg_pool)
+    if num == 0 or channels == 0:
+        return out
+    if height == 0 or width == 0:
+        return out.zero_()
+    rois = rois.float()
+    lo, hi = int(rois[:, 0].min()), int(rois[:, 0].max())
+    if lo < 0 or hi >= batch:
+        raise ValueError(f"roi_align: RoI batch index {lo if lo < 0 else hi} outside [0, {batch})")
+    start_y, bin_h, grid_h, start_x, bin_w, grid_w = _roi_geometry(rois, spatial_scale, pooled, sampling_ratio,
+                                                                   aligned)
+    count = (grid_h * grid_w).clamp(min=1).float()
+    a_y, y0, span_y = _axis_weights(start_y, bin_h, grid_h, ph, height, avg_pool)
+    a_x, x0, span_x = _axis_weights(start_x, bin_w, grid_w, pw, width, avg_pool)
+    a_y = a_y / count[:, None, None]
+    a_xt = a_x.transpose(1, 2)
+    ph, pw = ph // avg_pool, pw // avg_pool
+    image = rois[:, 0].long()
+    small = span_y * span_x <= _SMALL_WINDOW
+    groups = _small_window_groups(span_y, span_x, small, channels)
+    if groups:
+        rows_of_channels = feat.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    for idx in groups:
+        n, wy, wx = len(idx), int(span_y[idx].max()), int(span_x[idx].max())
+        rows = (y0[idx, None] + torch.arange(wy)).clamp(max=height - 1)
+        cols = (x0[idx, None] + torch.arange(wx)).clamp(max=width - 1)
+        pixels = (image[idx, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+        window = rows_of_channels.index_select(0, pixels.view(-1)).view(n, wy, wx, channels)
+        # x first: (n, wy, C, wx) @ (n, 1, wx, pw); then y: (n, ph, wy) @ (n, wy, C * pw)
+        by_x = torch.matmul(window.transpose(2, 3), a_xt[idx, :wx, None].transpose(1, 2).expand(n, wy, wx, pw))
+        by_xy = torch.bmm(a_y[idx, :, :wy], by_x.reshape(n, wy, channels * pw)).view(n, ph, channels, pw)
+        out.index_copy_(0, idx, by_xy.permute(0, 2, 1, 3))
+    large = (~small).nonzero().squeeze(1).tolist()
+    if large:
+        image_l, y0_l, x0_l, sy_l, sx_l = image.tolist(), y0.tolist(), x0.tolist(), span_y.tolist(), span_x.tolist()
+        for k in large:
+            wy, wx = sy_l[k], sx_l[k]
+            window = feat[image_l[k], :, y0_l[k]:y0_l[k] + wy, x0_l[k]:x0_l[k] + wx]   # a view: (C, wy, wx)
+            torch.matmul(torch.matmul(a_y[k, :, :wy], window), a_xt[k, :wx], out=out[k])
+    return out
+
+
+def _use_cpu_forward(feat: Tensor, avg_pool: int) -> bool:
+    if feat.device.type != "cpu" or feat.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return feat.shape[1] >= _MIN_CHANNELS or avg_pool > 1
+
+
 class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                sampling_ratio: int, aligned: bool) -> Tensor:
+                sampling_ratio: int, aligned: bool, avg_pool: int) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.args = (output_size, spatial_scale, sampling_ratio, aligned, tuple(feat.shape), feat.dtype)
+        ctx.args = (output_size, spatial_scale, sampling_ratio, aligned, tuple(feat.shape), feat.dtype, avg_pool)
+        if _use_cpu_forward(feat, avg_pool):
+            # bf16: torchvision has no bf16 CPU kernel; like its autocast wrapper, pool in float32, cast back
+            # and in float32 even under autocast, which would otherwise run the weight products in bf16
+            with torch.autocast("cpu", enabled=False):
+                out = roi_align_forward_cpu(feat.float(), rois, spatial_scale, output_size, sampling_ratio, aligned,
+                                            avg_pool)
+            return out.to(feat.dtype)
         if feat.dtype == torch.bfloat16 and feat.device.type == "cpu":
-            # torchvision has no bf16 CPU kernel; its autocast wrapper likewise runs float32 and casts back
-            return tv_roi_align(feat.float(), rois.float(), output_size, spatial_scale, sampling_ratio,
-                                aligned).to(feat.dtype)
-        return tv_roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
+            out = tv_roi_align(feat.float(), rois.float(), output_size, spatial_scale, sampling_ratio,
+                               aligned).to(feat.dtype)
+        else:
+            out = tv_roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        return F.avg_pool2d(out, avg_pool) if avg_pool > 1 else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (rois,) = ctx.saved_tensors
-        output_size, spatial_scale, sampling_ratio, aligned, shape, dtype = ctx.args
+        output_size, spatial_scale, sampling_ratio, aligned, shape, dtype, avg_pool = ctx.args
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        if avg_pool > 1:
+            # each pooled bin averages avg_pool**2 RoIAlign bins: they share its gradient equally
+            grad_out = grad_out.repeat_interleave(avg_pool, 2).repeat_interleave(avg_pool, 3) / avg_pool**2
         if grad_out.device.type == "cpu":
             grad_feat = roi_align_backward_cpu(grad_out, rois, spatial_scale, output_size, shape,
                                                sampling_ratio, aligned)
@@ -219,19 +349,24 @@ class _RoIAlign(torch.autograd.Function):
             grad_feat = torch.ops.torchvision._roi_align_backward(
                 grad_out.contiguous(), rois.to(grad_out.dtype), spatial_scale, output_size[0], output_size[1],
                 batch, channels, height, width, sampling_ratio, aligned)
-        return grad_feat.to(dtype).contiguous(), None, None, None, None, None
+        return grad_feat.to(dtype).contiguous(), None, None, None, None, None, None
 
 
 def roi_align(feat: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float,
-              sampling_ratio: int = 0, aligned: bool = True) -> Tensor:
-    """``torchvision.ops.roi_align`` (same forward numbers) whose CPU backward is vectorised.
+              sampling_ratio: int = 0, aligned: bool = True, avg_pool: int = 1) -> Tensor:
+    """``torchvision.ops.roi_align`` (same numbers up to float summation order), vectorised on CPU.
 
     ``feat`` (B, C, H, W); ``rois`` (K, 5) rows of (batch index, x1, y1, x2, y2) in input pixels, same dtype
-    as ``feat`` (bf16 features on CPU are pooled in float32 and cast back). Returns (K, C, out_h, out_w).
-    No gradient flows to ``rois``, as in torchvision."""
+    as ``feat`` (bf16 features on CPU are pooled in float32 and cast back). ``avg_pool`` > 1 returns the
+    (out_h, out_w) RoIAlign average-pooled by that factor (which must divide both), i.e. (K, C, out_h /
+    avg_pool, out_w / avg_pool), without building the full-size result on CPU. No gradient flows to ``rois``,
+    as in torchvision."""
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"roi_align: rois must be (K, 5), got {tuple(rois.shape)}")
     if feat.dim() != 4:
         raise ValueError(f"roi_align: feat must be (B, C, H, W), got {tuple(feat.shape)}")
-    return _RoIAlign.apply(feat, rois, _pair(output_size), float(spatial_scale), int(sampling_ratio),
-                           bool(aligned))
+    size = _pair(output_size)
+    avg_pool = int(avg_pool)
+    if avg_pool < 1 or size[0] % avg_pool or size[1] % avg_pool:
+        raise ValueError(f"roi_align: avg_pool {avg_pool} must be >= 1 and divide output_size {size}")
+    return _RoIAlign.apply(feat, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned), avg_pool)

@@ -9,8 +9,8 @@ from htc_lightning.models.layers.roi_align import roi_align
 
 class MultiLevelRoIAlign(nn.Module):
     """Each RoI is pooled from one level: ``floor(log2(sqrt(w*h) / finest_scale + 1e-6))`` clamped to the
-    levels (w = x2 - x1). torchvision's ``roi_align`` forward (``aligned=True``, ``sampling_ratio=0``) with a
-    vectorised CPU backward (``layers.roi_align``).
+    levels (w = x2 - x1). RoIAlign with torchvision's semantics (``aligned=True``, ``sampling_ratio=0``),
+    vectorised on CPU in both directions (``layers.roi_align``).
     With one stride it is a plain single-level RoIAlign (the semantic feature at stride 8)."""
 
     def __init__(self, output_size: int, featmap_strides: Sequence[int], sampling_ratio: int = 0,
@@ -35,9 +35,10 @@ class MultiLevelRoIAlign(nn.Module):
         levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
         return levels.clamp(min=0, max=num_levels - 1).long()
 
-    def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
+    def forward(self, feats: Sequence[Tensor], rois: Tensor, avg_pool: int = 1) -> Tensor:
         """``rois`` (K, 5): batch index, x1, y1, x2, y2 in input pixels. Uses the first
-        ``len(featmap_strides)`` of ``feats``. Returns (K, C, S, S)."""
+        ``len(featmap_strides)`` of ``feats``. Returns (K, C, S, S), or with ``avg_pool`` the (S, S) RoIAlign
+        average-pooled by that factor, (K, C, S / avg_pool, S / avg_pool)."""
         num_levels = self.num_inputs
         if len(feats) < num_levels:
             raise ValueError(f"MultiLevelRoIAlign: {len(feats)} feature maps for {num_levels} strides "
@@ -48,17 +49,26 @@ class MultiLevelRoIAlign(nn.Module):
         rois_t = rois.to(dtype)
         if num_levels == 1:
             if rois.shape[0] == 0:
-                return feats[0].new_zeros(0, feats[0].shape[1], *size) + feats[0].sum() * 0
+                out_size = (self.output_size // avg_pool,) * 2
+                return feats[0].new_zeros(0, feats[0].shape[1], *out_size) + feats[0].sum() * 0
             return roi_align(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
-                             self.aligned)
+                             self.aligned, avg_pool)
         levels = self.map_roi_levels(rois, num_levels)
-        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], *size)
+        # every RoI gets exactly one level, so every row is written below
+        out = feats[0].new_empty(rois.shape[0], feats[0].shape[1], self.output_size // avg_pool,
+                                 self.output_size // avg_pool)
+        unused = None
         for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
             inds = (levels == level).nonzero().squeeze(1)
             if inds.numel() == 0:
-                # keep every level in the graph so DDP sees the same parameters used on every rank
-                out = out + feat.sum() * 0
+                if torch.is_grad_enabled() and feat.requires_grad:
+                    # keep every level in the graph so DDP sees the same parameters used on every rank
+                    unused = feat.sum() * 0 if unused is None else unused + feat.sum() * 0
                 continue
-            pooled = roi_align(feat, rois_t[inds], size, 1.0 / stride, self.sampling_ratio, self.aligned)
-            out[inds] = pooled
+            out[inds] = roi_align(feat, rois_t[inds], size, 1.0 / stride, self.sampling_ratio, self.aligned,
+                                  avg_pool)
+        if unused is not None:
+            if out.shape[0] == 0:
+                return out + unused
+            out[:1] = out[:1] + unused  # a one-row op, not a copy of the whole output
         return out

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ...structures import Detections, ImageMeta
 from ..layers.assigners import MaxIoUAssigner
@@ -142,9 +143,12 @@ class HTCRoIHead(nn.Module):
         if semantic_feat is None:
             raise ValueError(f"HTCRoIHead: the {branch} branch fuses the semantic feature; pass semantic_feat "
                              "(the second output of semantic(feats))")
-        sem = self.semantic_roi_extractor([semantic_feat], rois)
-        if sem.shape[-2:] != roi_feats.shape[-2:]:
-            sem = F.adaptive_avg_pool2d(sem, roi_feats.shape[-2:])
+        size, target = self.semantic_roi_extractor.output_size, roi_feats.shape[-1]
+        if size % target == 0:
+            # the box branch's 7x7 from the 14x14 semantic RoIAlign: pooled inside the RoIAlign
+            sem = self.semantic_roi_extractor([semantic_feat], rois, avg_pool=size // target)
+        else:
+            sem = F.adaptive_avg_pool2d(self.semantic_roi_extractor([semantic_feat], rois), roi_feats.shape[-2:])
         return roi_feats + sem
 
     def box_stage(self, stage: int, feats: Sequence[Tensor], rois: Tensor,
@@ -167,15 +171,21 @@ class HTCRoIHead(nn.Module):
                 _, res = self.mask_head[i](x, res, with_logits=False)
         return self.mask_head[stage](x, res)[0]
 
-    def mask_probs(self, feats: Sequence[Tensor], rois: Tensor, semantic_feat: Tensor | None = None) -> Tensor:
-        """Test-time per-class mask probabilities (K, C, 28, 28) merged over stages per ``mask_merge``."""
+    def mask_probs(self, feats: Sequence[Tensor], rois: Tensor, semantic_feat: Tensor | None = None,
+                   labels: Tensor | None = None) -> Tensor:
+        """Test-time per-class mask probabilities (K, C, 28, 28) merged over stages per ``mask_merge``; with
+        ``labels`` (K,) only each RoI's class, (K, 28, 28), which is all a detection needs."""
         x = self._mask_feats(feats, rois, semantic_feat)
         stages = range(self.num_stages)
         if self.mask_merge == "last" and not self.mask_info_flow:
             stages = range(self.num_stages - 1, self.num_stages)
         probs, res = [], None
         for t in stages:
-            logits, feat = self.mask_head[t](x, res)
+            with_logits = self.mask_merge == "mean" or t == self.num_stages - 1
+            logits, feat = self.mask_head[t](x, res, with_logits=with_logits, labels=labels)
+            if not with_logits:  # "last" with the information flow: earlier heads only pass their feature on
+                res = feat
+                continue
             if self.mask_info_flow:
                 res = feat
             probs.append(logits.sigmoid())
@@ -210,21 +220,23 @@ class HTCRoIHead(nn.Module):
             if missing:
                 raise ValueError(f"HTCRoIHead.loss: images {missing} have no 'semantic' map, which the semantic "
                                  "head needs (load the COCO-Stuff stuffthingmaps or drop semantic_head)")
-            seg_pred, semantic_feat = self.semantic_head(list(feats))
-            labels = torch.stack([t["semantic"] for t in targets])
-            losses["loss_semantic_seg"] = self.semantic_head.loss(seg_pred, labels)
+            with record_function("semantic_head"):
+                seg_pred, semantic_feat = self.semantic_head(list(feats))
+                labels = torch.stack([t["semantic"] for t in targets])
+                losses["loss_semantic_seg"] = self.semantic_head.loss(seg_pred, labels)
 
         boxes = [p[:, :4].detach() for p in proposals]
         for t in range(self.num_stages):
             weight = self.stage_loss_weights[t]
-            with torch.no_grad():
+            with torch.no_grad(), record_function("assign_sample"):
                 samples = self._sample(t, boxes, targets)
             rois = boxes_to_rois([s.boxes for s in samples])
-            cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
-            head = self.bbox_head[t]
-            box_targets = head.targets(samples)
-            for name, value in head.loss(cls_score, bbox_pred, *box_targets).items():
-                losses[self._loss_name(t, name)] = value * weight if "loss" in name else value
+            with record_function(f"box_stage{t}"):
+                cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
+                head = self.bbox_head[t]
+                box_targets = head.targets(samples)
+                for name, value in head.loss(cls_score, bbox_pred, *box_targets).items():
+                    losses[self._loss_name(t, name)] = value * weight if "loss" in name else value
             refined = None
             if self.interleaved or t < self.num_stages - 1:
                 with torch.no_grad():
@@ -236,11 +248,12 @@ class HTCRoIHead(nn.Module):
                 mask_samples = samples
                 if self.interleaved:
                     # HTC Sec. 3.1: the mask branch learns from the boxes this stage just regressed
-                    with torch.no_grad():
+                    with torch.no_grad(), record_function("assign_sample"):
                         mask_samples = self._sample(t, refined, targets)
                 pos_rois = boxes_to_rois([s.pos_boxes for s in mask_samples])
-                logits = self.mask_stage(t, feats, pos_rois, semantic_feat)
-                loss_mask = self.mask_head[t].loss(logits, mask_samples, [tg["masks"] for tg in targets])
+                with record_function(f"mask_stage{t}"):
+                    logits = self.mask_stage(t, feats, pos_rois, semantic_feat)
+                    loss_mask = self.mask_head[t].loss(logits, mask_samples, [tg["masks"] for tg in targets])
                 losses[self._loss_name(t, "loss_mask")] = loss_mask * weight
             if refined is not None:
                 boxes = refined
@@ -267,7 +280,8 @@ class HTCRoIHead(nn.Module):
         (K, C, 4) with a class-specific regressor)."""
         ms_logits = []
         for t in range(self.num_stages):
-            cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
+            with record_function(f"box_stage{t}"):
+                cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
             ms_logits.append(cls_score.float())
             if t < self.num_stages - 1:
                 labels = cls_score[:, :-1].argmax(1)
@@ -281,7 +295,8 @@ class HTCRoIHead(nn.Module):
         """Detections per image; with ``rescale`` boxes and masks are in the original frame (``orig_size``),
         else in the resized frame (``img_size``). Labels are 0..num_classes-1."""
         img_sizes = [tuple(m["img_size"]) for m in metas]
-        sem = self.semantic(feats)
+        with record_function("semantic_head"):
+            sem = self.semantic(feats)
         semantic_feat = None if sem is None else sem[1]
         rois = boxes_to_rois([p[:, :4] for p in proposals]).to(feats[0].device)
         dets: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -297,14 +312,17 @@ class HTCRoIHead(nn.Module):
             if rescale and not self.with_mask:
                 # mmdet rescales before the NMS only when no mask branch rescales after it
                 b = b / self._scale(meta, b)
-            kb, ks, kl, _ = multiclass_nms(b, s, self.score_thr, self.nms_iou, self.max_per_img, self.nms_type,
-                                           self.soft_nms_sigma, self.soft_nms_min_score)
+            with record_function("nms"):
+                kb, ks, kl, _ = multiclass_nms(b, s, self.score_thr, self.nms_iou, self.max_per_img,
+                                               self.nms_type, self.soft_nms_sigma, self.soft_nms_min_score)
             dets.append((kb, ks, kl))
         if not self.with_mask:
             return [Detections(b, s, lab) for b, s, lab in dets]
 
         mask_rois = boxes_to_rois([d[0] for d in dets]).to(feats[0].device)
-        probs = self.mask_probs(feats, mask_rois, semantic_feat) if mask_rois.shape[0] else None
+        with record_function("mask_heads"):
+            labels = torch.cat([d[2] for d in dets]).to(mask_rois.device)
+            probs = self.mask_probs(feats, mask_rois, semantic_feat, labels) if mask_rois.shape[0] else None
         results = []
         for i, (meta, (b, s, lab)) in enumerate(zip(metas, dets)):
             h, w = (meta["orig_size"] if rescale else meta["img_size"])
@@ -314,8 +332,8 @@ class HTCRoIHead(nn.Module):
                 masks = torch.zeros(0, h, w, dtype=torch.bool, device=b.device)
             else:
                 p = probs[mask_rois[:, 0] == i]
-                p = p[torch.arange(len(p), device=p.device), lab]
-                masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
+                with record_function("paste_masks"):
+                    masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
             results.append(Detections(b, s, lab, masks))
         return results
 

@@ -43,8 +43,11 @@ class FCNMaskHead(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, res_feat: Tensor | None = None,
-                with_logits: bool = True) -> tuple[Tensor | None, Tensor]:
+    def forward(self, x: Tensor, res_feat: Tensor | None = None, with_logits: bool = True,
+                labels: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        """Logits (N, num_classes, S, S), or with ``labels`` (N,) only each RoI's class, (N, S, S): at test time
+        a detection needs one channel, and the 1x1 ``conv_logits`` over all classes is a large share of the
+        head's work."""
         if res_feat is not None:
             if not self.with_conv_res:
                 raise ValueError("FCNMaskHead: got the previous stage's feature (mask information flow) but this "
@@ -55,7 +58,12 @@ class FCNMaskHead(nn.Module):
         feat = x
         if not with_logits:
             return None, feat
-        return self.conv_logits(torch.relu(self.upsample(x))), feat
+        up = torch.relu(self.upsample(x))
+        if labels is None:
+            return self.conv_logits(up), feat
+        weight = self.conv_logits.weight[labels, :, 0, 0]                     # (N, C)
+        logits = torch.bmm(weight[:, None, :], up.flatten(2)).view(len(up), *up.shape[-2:])
+        return logits + self.conv_logits.bias[labels, None, None], feat
 
     def loss(self, mask_logits: Tensor, samples: Sequence[SamplingResult], gt_masks: Sequence[Tensor]) -> Tensor:
         """BCE on each positive's gt-class channel against its gt mask RoIAligned to ``mask_size`` and binarised,
