@@ -102,19 +102,9 @@ def _backward_chunk(grad: Tensor, rois: Tensor, geometry: Sequence[Tensor], pool
     ph, pw = pooled
     count = (grid_h * grid_w).clamp(min=1).float()
     y_low, y_high, wy_low, wy_high = _axis_samples(start_y, bin_h, grid_h, ph, height, max(int(grid_h.max()), 1))
-    x_low, x_high, wx_low, wx_high = _axis_samples(start_x, bin_w, grid_w, pw, width, max(int(grid_w.max()), 1))
-
-    # x: each RoI's taps fall in a window of columns [x0, x0 + win); fold the taps of a bin into it
-    tapped = (wx_low + wx_high) > 0
-    x0 = torch.where(tapped, x_low, width).amin(dim=(1, 2)).clamp(max=width - 1)
-    rel_high = x_high - x0[:, None, None]
-    win = int(torch.where(tapped, rel_high, 0).max()) + 1
-    # untapped samples (zero weight) may sit anywhere; keep their indices inside the window
-    rel_low = (x_low - x0[:, None, None]).clamp(min=0, max=win - 1)
-    rel_high = rel_high.clamp(min=0, max=win - 1)
-    ax = grad.new_zeros(num, pw, win)
-    ax.scatter_add_(2, rel_low.view(num, pw, -1), wx_low.view(num, pw, -1))
-    ax.scatter_add_(2, rel_high.view(num, pw, -1), wx_high.view(num, pw, -1))
+    # x: each RoI's taps fall in a window of columns [x0, x0 + win), a bin's taps folded into it
+    ax, x0, _ = _axis_weights(start_x, bin_w, grid_w, pw, width, 1)
+    win = ax.shape[2]
     # rows[k, j, p, c] = sum_q ax[k, q, j] * grad[k, q, p, c]
     rows = torch.bmm(ax.transpose(1, 2), grad.view(num, pw, ph * channels)).view(-1, channels)
 
