@@ -1,6 +1,7 @@
 """Helpers shared by the RPN and GA-RPN tests."""
 from pathlib import Path
 
+import pytest
 import torch
 from torchvision.ops import box_iou
 
@@ -28,3 +29,27 @@ def assert_same_proposal_set(ours: torch.Tensor, ref: torch.Tensor) -> None:
 def tiny_targets(boxes: list[list[float]], size: tuple[int, int]) -> dict:
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     return {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long), "meta": {"pad_size": size, "img_size": size}}
+
+
+def assert_matches_oracle_inference(head: torch.nn.Module, dump: dict, prefix: str = "rpn_head.") -> None:
+    """The head with the dump's weights: raw outputs per level equal mmdet's (atol 1e-4), and the proposals
+    of the dump's image are the same set."""
+    head.load_state_dict(head_weights(dump["state_dict"], prefix), strict=True)
+    with torch.no_grad():
+        raw = head(dump["fpn"])
+    for ours_levels, ref_levels in zip(raw, dump["rpn_raw"], strict=True):
+        for ours, ref in zip(ours_levels, ref_levels, strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    img_size = tuple(dump["img_metas"][0]["img_shape"])
+    assert_same_proposal_set(head.proposals(raw, [img_size])[0], dump["proposals"][0])
+
+
+def assert_losses_match_oracle(head: torch.nn.Module, dump: dict, names: set[str]) -> None:
+    """With every sample kept, the head's losses on the dump's raw outputs and boxes are mmdet's (rel 1e-4)."""
+    head.train()
+    head.keep_all_samples()
+    targets = [tiny_targets(dump["boxes"].tolist(), dump["img_size"])]
+    losses = head.loss(tuple(dump["raw"]), targets, [dump["img_size"]])
+    assert set(losses) == names
+    for key, value in losses.items():
+        assert value.item() == pytest.approx(dump["losses"][key], rel=1e-4), key

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -219,6 +222,35 @@ class TinyCocoDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+
+def fake_cli_config(tmp_path: Path, **trainer) -> str:
+    """A CLI config file: HTCModule around FakeDetector on TinyCocoDataModule, 3 CPU steps; ``trainer`` overrides."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "max_steps": 3,
+                    "num_sanity_val_steps": 0, **trainer},
+        "model": {"class_path": "htc_lightning.module.HTCModule",
+                  "init_args": {"lr": 0.01, "log_images": 0, "detector": {
+                      "class_path": "conftest.FakeDetector",
+                      "init_args": {"roi_head": {"class_path": "conftest.FakeRoIHead"}}}}},
+        "data": {"class_path": "conftest.TinyCocoDataModule", "init_args": {"root": str(tmp_path / "data")}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process SIGTERM after training step ``step`` (a cluster preempting the job)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def make_detector(num_classes: int = 2, init_offset: float = 3.0, **kwargs) -> FakeDetector:

@@ -4,37 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import TinyCocoDataModule
+from conftest import TinyCocoDataModule, fake_cli_config
 
 from htc_lightning.callbacks import DetectionCheckpoint, ResumeState, SigtermCheckpoint
 from htc_lightning.cli import HTCLightningCLI, main
 
 
-def fake_config(tmp_path, **trainer) -> str:
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "max_steps": 3,
-                    "num_sanity_val_steps": 0, **trainer},
-        "model": {"class_path": "htc_lightning.module.HTCModule",
-                  "init_args": {"lr": 0.01, "log_images": 0, "detector": {
-                      "class_path": "conftest.FakeDetector",
-                      "init_args": {"roi_head": {"class_path": "conftest.FakeRoIHead"}}}}},
-        "data": {"class_path": "conftest.TinyCocoDataModule", "init_args": {"root": str(tmp_path / "data")}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_num_classes_is_linked_from_the_datamodule_into_the_roi_head(tmp_path):
-    cli = HTCLightningCLI(args=["--config", fake_config(tmp_path)], run=False)
+    cli = HTCLightningCLI(args=["--config", fake_cli_config(tmp_path)], run=False)
     assert isinstance(cli.datamodule, TinyCocoDataModule)
     assert cli.model.detector.roi_head.num_classes == cli.datamodule.num_classes == 2  # not the default 80
 
 
 def test_default_callbacks_are_installed(tmp_path):
-    cli = HTCLightningCLI(args=["--config", fake_config(tmp_path)], run=False)
+    cli = HTCLightningCLI(args=["--config", fake_cli_config(tmp_path)], run=False)
     kinds = {type(cb) for cb in cli.trainer.callbacks}
     assert {DetectionCheckpoint, ResumeState, SigtermCheckpoint} <= kinds
     checkpoint = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DetectionCheckpoint))
@@ -43,7 +26,7 @@ def test_default_callbacks_are_installed(tmp_path):
 
 def test_print_config_shows_the_class_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", fake_config(tmp_path), "--print_config"])
+        main(["fit", "--config", fake_cli_config(tmp_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["detector"]["class_path"] == "conftest.FakeDetector"
@@ -51,7 +34,7 @@ def test_print_config_shows_the_class_paths(tmp_path, capsys):
 
 
 def test_fit_saves_last_and_best_and_resumes_with_ckpt_path_last(tmp_path):
-    config = fake_config(tmp_path, val_check_interval=2, limit_val_batches=1)
+    config = fake_cli_config(tmp_path, val_check_interval=2, limit_val_batches=1)
     first = HTCLightningCLI(args=["fit", "--config", config])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     names = sorted(p.name for p in ckpt_dir.iterdir())
@@ -63,20 +46,20 @@ def test_fit_saves_last_and_best_and_resumes_with_ckpt_path_last(tmp_path):
 
 
 def test_box_only_model_keeps_best_checkpoint_by_bbox_map(tmp_path):
-    config = fake_config(tmp_path, val_check_interval=2, limit_val_batches=1)
+    config = fake_cli_config(tmp_path, val_check_interval=2, limit_val_batches=1)
     cli = HTCLightningCLI(args=["fit", "--config", config, "--model.detector.with_mask", "false"])
     assert cli.trainer.checkpoint_callback.monitor == "val/bbox_mAP"
     assert cli.trainer.checkpoint_callback.best_model_path
 
 
 def test_fit_without_validation_keeps_only_last(tmp_path):
-    cli = HTCLightningCLI(args=["fit", "--config", fake_config(tmp_path, limit_val_batches=0)])
+    cli = HTCLightningCLI(args=["fit", "--config", fake_cli_config(tmp_path, limit_val_batches=0)])
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
     assert cli.trainer.global_step == 3
 
 
 def test_validate_and_test_subcommands_log_metrics(tmp_path):
-    config = fake_config(tmp_path)
+    config = fake_cli_config(tmp_path)
     validated = HTCLightningCLI(args=["validate", "--config", config])
     assert "val/bbox_mAP" in validated.trainer.callback_metrics
     tested = HTCLightningCLI(args=["test", "--config", config])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import SigtermAt
 
 from htc_lightning.cli import HTCLightningCLI
 
@@ -80,15 +80,6 @@ def test_real_htc_fit_resume_test_and_predict(tmp_path, coco_root):
     cat_ids = set(fitted.datamodule.cat_ids)
     assert all(r["category_id"] in cat_ids for r in results)
     assert len(list((out / "vis").glob("*.png"))) == 2
-
-
-class SigtermAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow

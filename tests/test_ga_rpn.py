@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _proposal_helpers import assert_same_proposal_set, head_weights, load_oracle, tiny_targets
+from _proposal_helpers import (
+    assert_losses_match_oracle,
+    assert_matches_oracle_inference,
+    assert_same_proposal_set,
+    load_oracle,
+    tiny_targets,
+)
 
 from htc_lightning.models.layers.assigners import MaxIoUAssigner, pairwise_iou
 from htc_lightning.models.layers.losses import bounded_iou_loss
@@ -27,25 +33,13 @@ def tiny_feats(batch: int = 1, channels: int = 8, size: int = 64) -> list[torch.
 def test_raw_outputs_and_proposals_match_mmdet(name, prefix, nms_pre, nms_post, max_per_img):
     d = load_oracle(name)
     head = GARPN(32, 32, test_nms_pre=nms_pre, test_nms_post=nms_post, test_max_per_img=max_per_img).eval()
-    head.load_state_dict(head_weights(d["state_dict"], prefix), strict=True)
-    with torch.no_grad():
-        raw = head(d["fpn"])
-    for ours_levels, ref_levels in zip(raw, d["rpn_raw"], strict=True):
-        for ours, ref in zip(ours_levels, ref_levels, strict=True):
-            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    img_size = tuple(d["img_metas"][0]["img_shape"])
-    assert_same_proposal_set(head.proposals(raw, [img_size])[0], d["proposals"][0])
+    assert_matches_oracle_inference(head, d, prefix)
 
 
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
-    head = GARPN(32, 32).train()
-    head.keep_all_samples()
-    targets = [tiny_targets(d["boxes"].tolist(), d["img_size"])]
-    losses = head.loss(tuple(d["raw"]), targets, [d["img_size"]])
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_anchor_shape", "loss_anchor_loc"}
-    for key, value in losses.items():
-        assert value.item() == pytest.approx(d["losses"][key], rel=1e-4), key
+    assert_losses_match_oracle(GARPN(32, 32), d,
+                               {"loss_rpn_cls", "loss_rpn_bbox", "loss_anchor_shape", "loss_anchor_loc"})
 
 
 def test_training_proposals_skip_the_location_filter_and_match_mmdet():

@@ -1,27 +1,15 @@
 """A run interrupted mid-epoch and resumed from its checkpoint ends with the uninterrupted run's weights."""
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyCocoDataModule, make_detector
+from conftest import SigtermAt, TinyCocoDataModule, make_detector
 
 from htc_lightning.callbacks import ResumeState, SigtermCheckpoint
 from htc_lightning.module import HTCModule
 
 N_STEPS = 7  # 4 batches per epoch: crosses the epoch boundary and the lr step at epoch 1
-
-
-class SigtermAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def make_module(seed: int = 0) -> HTCModule:

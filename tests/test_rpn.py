@@ -3,7 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _proposal_helpers import assert_same_proposal_set, head_weights, load_oracle, tiny_targets
+from _proposal_helpers import (
+    assert_losses_match_oracle,
+    assert_matches_oracle_inference,
+    assert_same_proposal_set,
+    load_oracle,
+    tiny_targets,
+)
 
 from htc_lightning.models.proposals import RPN
 from htc_lightning.models.proposals.rpn import nms_per_level
@@ -16,25 +22,12 @@ RPN_DUMPS = ["tiny_cascade_s0", "tiny_cascade_s1", "tiny_htc_s0", "tiny_htc_s3",
 def test_raw_outputs_and_proposals_match_mmdet(name):
     d = load_oracle(name)
     head = RPN(32, 32, test_nms_pre=1000, test_max_per_img=1000).eval()
-    head.load_state_dict(head_weights(d["state_dict"]), strict=True)
-    with torch.no_grad():
-        raw = head(d["fpn"])
-    for ours_levels, ref_levels in zip(raw, d["rpn_raw"], strict=True):
-        for ours, ref in zip(ours_levels, ref_levels, strict=True):
-            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    img_size = tuple(d["img_metas"][0]["img_shape"])
-    assert_same_proposal_set(head.proposals(raw, [img_size])[0], d["proposals"][0])
+    assert_matches_oracle_inference(head, d)
 
 
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
-    head = RPN(32, 32).train()
-    head.keep_all_samples()
-    targets = [tiny_targets(d["boxes"].tolist(), d["img_size"])]
-    losses = head.loss(tuple(d["raw"]), targets, [d["img_size"]])
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}
-    for key, value in losses.items():
-        assert value.item() == pytest.approx(d["losses"][key], rel=1e-4), key
+    assert_losses_match_oracle(RPN(32, 32), d, {"loss_rpn_cls", "loss_rpn_bbox"})
 
 
 def test_training_proposals_use_train_settings_and_match_mmdet():

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import TinyCocoDataModule
+from conftest import TinyCocoDataModule, fake_cli_config
 
 from htc_lightning.cli import HTCLightningCLI
 from htc_lightning.models.backbones import TimmBackbone
@@ -284,23 +284,8 @@ class DelegatingTTA(TestTimeAugmentation):
         return detector.predict(images, metas)
 
 
-def fake_cli_config(tmp_path) -> str:
-    config = {
-        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "max_steps": 1,
-                    "limit_val_batches": 0, "default_root_dir": str(tmp_path / "run")},
-        "model": {"class_path": "htc_lightning.module.HTCModule",
-                  "init_args": {"log_images": 0, "detector": {
-                      "class_path": "conftest.FakeDetector",
-                      "init_args": {"roi_head": {"class_path": "conftest.FakeRoIHead"}}}}},
-        "data": {"class_path": "conftest.TinyCocoDataModule", "init_args": {"root": str(tmp_path / "data")}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_cli_test_of_a_checkpoint_uses_the_tta_given_at_test_time(tmp_path):
-    config = fake_cli_config(tmp_path)
+    config = fake_cli_config(tmp_path, max_steps=1, limit_val_batches=0)
     HTCLightningCLI(args=["fit", "--config", config])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     # the checkpoint's hparams are applied over the test config: a stored "tta: null" would switch TTA off
