@@ -9,6 +9,7 @@ from _proposal_helpers import (
     assert_same_proposal_set,
     load_oracle,
     tiny_targets,
+    total_losses_over_steps,
 )
 
 from htc_lightning.models.proposals import RPN
@@ -93,18 +94,9 @@ def test_keep_all_samples_makes_the_loss_deterministic():
 
 def test_loss_decreases_over_a_few_steps():
     torch.manual_seed(3)
-    head = RPN(8, 8).train()
-    head.keep_all_samples()
+    head = RPN(8, 8)
     feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
-    targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0], [30.0, 20.0, 60.0, 60.0]], (64, 64))]
-    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
-    totals = []
-    for _ in range(10):
-        loss = sum(head.loss(head(feats), targets, [(64, 64)]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        totals.append(loss.item())
+    totals = total_losses_over_steps(head, feats, lr=0.5)
     assert totals[-1] < 0.5 * totals[0]
 
 

@@ -45,17 +45,23 @@ def pad_size_of(target: dict, img_size: tuple[int, int]) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if size is not None else (int(img_size[0]), int(img_size[1]))
 
 
+def class_agnostic_gt(target: dict, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(gt boxes, all-zero labels, crowd boxes or None) of one image on ``like``'s device and dtype: proposal
+    heads are class-agnostic, every gt is foreground 0 (mmdet zeroes the labels for rpn_data_samples)."""
+    gt_boxes = target["boxes"].to(like)
+    gt_labels = torch.zeros(gt_boxes.shape[0], dtype=torch.long, device=like.device)
+    ignore = target.get("crowd_boxes")
+    ignore = ignore.to(like) if ignore is not None and ignore.numel() > 0 else None
+    return gt_boxes, gt_labels, ignore
+
+
 def anchor_targets(anchors: Tensor, inside: Tensor, target: dict, assigner: MaxIoUAssigner, sampler: RandomSampler,
                    coder: BoxCoder) -> AnchorTargets:
     """Assign and sample the anchors flagged ``inside``; anchors outside get label 1 with weight 0."""
     if not bool(inside.any()):
         raise ValueError(f"no anchor of {anchors.shape[0]} lies inside the image: check the image size and "
                          "anchor sizes, or set allowed_border to -1")
-    gt_boxes = target["boxes"].to(anchors)
-    # the RPN is class-agnostic: every gt is foreground 0 (mmdet zeroes the labels for rpn_data_samples)
-    gt_labels = torch.zeros(gt_boxes.shape[0], dtype=torch.long, device=anchors.device)
-    ignore = target.get("crowd_boxes")
-    ignore = ignore.to(anchors) if ignore is not None and ignore.numel() > 0 else None
+    gt_boxes, gt_labels, ignore = class_agnostic_gt(target, anchors)
     candidates = anchors[inside]
     assign = assigner.assign(candidates, gt_boxes, gt_labels, ignore)
     sampled = sampler.sample(assign, candidates, gt_boxes, gt_labels)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..layers.assigners import ApproxMaxIoUAssigner
 from ..layers.samplers import RandomSampler
-from .base import unmap
+from .base import class_agnostic_gt, unmap
 
 
 def scaled_region(box: Tensor, ratio: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -80,10 +80,7 @@ def shape_targets(approxs: Tensor, squares: Tensor, inside: Tensor, target: dict
     if not bool(inside.any()):
         raise ValueError(f"no location of {squares.shape[0]} lies inside the image: check the image size, or set "
                          "allowed_border to -1")
-    gt_boxes = target["boxes"].to(squares)
-    gt_labels = torch.zeros(gt_boxes.shape[0], dtype=torch.long, device=squares.device)
-    ignore = target.get("crowd_boxes")
-    ignore = ignore.to(squares) if ignore is not None and ignore.numel() > 0 else None
+    gt_boxes, gt_labels, ignore = class_agnostic_gt(target, squares)
     loc_approxs = approxs.view(-1, approxs_per_octave, 4)[inside].reshape(-1, 4)
     loc_squares = squares[inside]
     assign = assigner.assign_approx(loc_approxs, loc_squares, approxs_per_octave, gt_boxes, gt_labels, ignore)
