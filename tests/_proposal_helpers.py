@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import box_iou
+
+from htc_lightning.tools.mmdet_parity import Report, compare_proposals, compare_raw
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle"
 
@@ -16,14 +17,12 @@ def head_weights(state_dict: dict, prefix: str = "rpn_head.") -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def assert_same_proposal_set(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Same boxes and scores up to order (ties may reorder): a one-to-one match by IoU and score."""
-    assert ours.shape == ref.shape
-    iou = box_iou(ours[:, :4], ref[:, :4])
-    iou = torch.where((ours[:, None, 4] - ref[None, :, 4]).abs() <= 1e-4, iou, torch.zeros_like(iou))
-    best, match = iou.max(dim=1)
-    assert best.min() > 0.99
-    assert match.unique().numel() == ref.shape[0]
+def assert_same_proposal_set(head: torch.nn.Module, ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same boxes and scores up to order (ties may reorder), tie-aware for NMS and the per-image cut (the
+    parity tool's comparison)."""
+    rep = Report()
+    compare_proposals(rep, head, [ours], [ref])
+    assert not rep.failed, "\n".join(rep.lines)
 
 
 def tiny_targets(boxes: list[list[float]], size: tuple[int, int]) -> dict:
@@ -31,17 +30,20 @@ def tiny_targets(boxes: list[list[float]], size: tuple[int, int]) -> dict:
     return {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long), "meta": {"pad_size": size, "img_size": size}}
 
 
-def assert_matches_oracle_inference(head: torch.nn.Module, dump: dict, prefix: str = "rpn_head.") -> None:
-    """The head with the dump's weights: raw outputs per level equal mmdet's (atol 1e-4), and the proposals
-    of the dump's image are the same set."""
+def assert_matches_oracle_inference(head: torch.nn.Module, dump: dict, prefix: str = "rpn_head.",
+                                    device: str = "cpu") -> None:
+    """The head with the dump's weights: raw outputs per level equal mmdet's at their scale (GA's location
+    filter tie-aware), and the proposals from the reference's raw outputs are the same set."""
     head.load_state_dict(head_weights(dump["state_dict"], prefix), strict=True)
+    head.to(device)
+    rep = Report()
     with torch.no_grad():
-        raw = head(dump["fpn"])
-    for ours_levels, ref_levels in zip(raw, dump["rpn_raw"], strict=True):
-        for ours, ref in zip(ours_levels, ref_levels, strict=True):
-            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    img_size = tuple(dump["img_metas"][0]["img_shape"])
-    assert_same_proposal_set(head.proposals(raw, [img_size])[0], dump["proposals"][0])
+        raw = head([f.to(device) for f in dump["fpn"]])
+        compare_raw(rep, head, raw, dump["rpn_raw"], dump.get("config", ""))
+        ref_raw = tuple([t.to(device) for t in levels] for levels in dump["rpn_raw"])
+        img_size = tuple(dump["img_metas"][0]["img_shape"])
+        compare_proposals(rep, head, head.proposals(ref_raw, [img_size]), dump["proposals"], dump["rpn_raw"][0])
+    assert not rep.failed, "\n".join(rep.lines)
 
 
 def assert_losses_match_oracle(head: torch.nn.Module, dump: dict, names: set[str]) -> None:

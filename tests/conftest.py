@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,59 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from htc_lightning.structures import Detections
+
+FIXTURES = (Path(__file__).parent / "fixtures").resolve()
+
+# Reference tests compare with numbers computed in another process or machine (tests/fixtures: oracle dumps,
+# FishNet dumps, layer fixtures made by mmdet); `pytest -m reference` runs them alone, which `make test` does
+# under simulated CPUs. So that the marker cannot fall behind, a test fails that loads a fixture file, or uses
+# a pytest fixture that loaded one, without the marker.
+_running: list[pytest.Item] = []
+_reference_fixtures: set[str] = set()  # pytest fixtures seen loading a fixture file
+_torch_load = torch.load
+
+
+def _require_marker(item: pytest.Item, what: str) -> None:
+    if item.get_closest_marker("reference") is None:
+        raise AssertionError(f"{item.nodeid} {what}: mark it @pytest.mark.reference")
+
+
+def _load_checking_marker(f, *args, **kwargs):
+    if _running and isinstance(f, str | os.PathLike) and Path(f).resolve().is_relative_to(FIXTURES):
+        item = _running[-1]
+        names = set(getattr(item, "fixturenames", ()))
+        frame = sys._getframe(1)
+        while frame is not None:  # the pytest fixture (if any) whose body is loading the file
+            if frame.f_code.co_name in names:
+                _reference_fixtures.add(frame.f_code.co_name)
+            frame = frame.f_back
+        _require_marker(item, f"loads the reference fixture {Path(f).name}")
+    return _torch_load(f, *args, **kwargs)
+
+
+torch.load = _load_checking_marker
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+def pytest_runtest_setup(item):
+    used = _reference_fixtures & set(getattr(item, "fixturenames", ()))
+    if used:
+        _require_marker(item, f"uses {sorted(used)}, which loaded a reference fixture")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def device(request) -> str:
+    """Reference tests run on every device there is, with the same tolerances."""
+    return request.param
 
 
 class FakeRoIHead(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from htc_lightning.models.backbones import DeformConv2d, TimmBackbone
+from htc_lightning.tools.compare import assert_close_to_reference
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ORACLE = FIXTURES / "oracle" / "tiny_htc_s0.pt"
@@ -38,12 +39,14 @@ def test_resnext101_32x8d_keys_and_shapes_equal_mmdet():
     assert ours == mmdet_shapes
 
 
+@pytest.mark.reference
 def test_tiny_resnet18_builds_the_oracle_shapes():
     _, state = _oracle_backbone_state()
     ours = {k: tuple(v.shape) for k, v in TimmBackbone("resnet18", model_kwargs=TINY).state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in state.items()}
 
 
+@pytest.mark.reference
 def test_tiny_resnet18_reproduces_mmdet_backbone_outputs():
     inputs, state = _oracle_backbone_state()
     expected = torch.load(RESNET18_OUTPUTS, weights_only=True)["outputs"]
@@ -53,9 +56,10 @@ def test_tiny_resnet18_reproduces_mmdet_backbone_outputs():
         outs = backbone.eval()(inputs)
     assert backbone.out_channels == [16, 32, 64, 128] and backbone.strides == [4, 8, 16, 32]
     for level, (out, ref) in enumerate(zip(outs, expected, strict=True)):
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=f"C{level + 2}")
+        assert_close_to_reference(out, ref, msg=f"C{level + 2}")
 
 
+@pytest.mark.reference
 def test_weights_file_of_a_whole_mmdet_detector_loads_its_backbone(tmp_path):
     inputs, state = _oracle_backbone_state()
     dump = torch.load(ORACLE, weights_only=False)
@@ -64,9 +68,10 @@ def test_weights_file_of_a_whole_mmdet_detector_loads_its_backbone(tmp_path):
     expected = torch.load(RESNET18_OUTPUTS, weights_only=True)["outputs"]
     backbone = TimmBackbone("resnet18", weights=str(path), model_kwargs=TINY).eval()
     with torch.no_grad():
-        torch.testing.assert_close(backbone(inputs)[-1], expected[-1], atol=1e-4, rtol=0)
+        assert_close_to_reference(backbone(inputs)[-1], expected[-1], msg="C5")
 
 
+@pytest.mark.reference
 def test_weights_file_missing_backbone_entries_is_an_error(tmp_path):
     _, state = _oracle_backbone_state()
     state.pop("layer3.0.conv1.weight")

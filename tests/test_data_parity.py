@@ -13,6 +13,7 @@ import torch
 from htc_lightning.data.coco import CocoDetection
 from htc_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
 
+pytestmark = pytest.mark.reference
 FIXTURE = Path(__file__).parent / "fixtures" / "data" / "mmdet_pipeline.pt"
 
 

@@ -27,30 +27,34 @@ def tiny_feats(batch: int = 1, channels: int = 8, size: int = 64) -> list[torch.
     return [torch.randn(batch, channels, size // s, size // s) for s in STRIDES]
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name,prefix,nms_pre,nms_post,max_per_img", [
     ("tiny_ga_rpn_s0", "bbox_head.", 2000, 1000, 1000),  # the RPN-only detector calls its head bbox_head
     ("tiny_htc_ga_s0", "rpn_head.", 1000, 1000, 300),
 ])
-def test_raw_outputs_and_proposals_match_mmdet(name, prefix, nms_pre, nms_post, max_per_img):
+def test_raw_outputs_and_proposals_match_mmdet(name, prefix, nms_pre, nms_post, max_per_img, device):
     d = load_oracle(name)
     head = GARPN(32, 32, test_nms_pre=nms_pre, test_nms_post=nms_post, test_max_per_img=max_per_img).eval()
-    assert_matches_oracle_inference(head, d, prefix)
+    assert_matches_oracle_inference(head, d, prefix, device)
 
 
+@pytest.mark.reference
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
     assert_losses_match_oracle(GARPN(32, 32), d,
                                {"loss_rpn_cls", "loss_rpn_bbox", "loss_anchor_shape", "loss_anchor_loc"})
 
 
+@pytest.mark.reference
 def test_training_proposals_skip_the_location_filter_and_match_mmdet():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
     cfg = d["rpn_proposal_cfg"]
     head = GARPN(32, 32, train_nms_pre=cfg["nms_pre"], train_nms_post=cfg["nms_post"],
                  train_max_per_img=cfg["max_per_img"], nms_iou=cfg["nms_iou"]).train()
-    assert_same_proposal_set(head.proposals(tuple(d["raw"]), [d["img_size"]])[0], d["train_proposals"])
+    assert_same_proposal_set(head, head.proposals(tuple(d["raw"]), [d["img_size"]])[0], d["train_proposals"])
 
 
+@pytest.mark.reference
 def test_location_targets_match_mmdet():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
     sizes = [tuple(t.shape[-2:]) for t in d["loc_targets"]]

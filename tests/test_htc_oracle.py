@@ -3,16 +3,16 @@
 features, and the whole test-time cascade on the reference proposals."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torchvision.ops import box_iou
 
 from htc_lightning.checkpoints.mmdet import convert_mmdet_state_dict
 from htc_lightning.models.roi_heads import FusedSemanticHead, HTCRoIHead
+from htc_lightning.tools.compare import assert_close_to_reference, score_tolerance
+from htc_lightning.tools.mmdet_parity import Report, compare_detections
 
+pytestmark = pytest.mark.reference
 ORACLE = Path(__file__).parent / "fixtures" / "oracle"
-ATOL = 1e-4
 
 # dump -> how mmdet 3.3.0 built it: HTC keeps the last stage's mask at test time, Cascade Mask R-CNN
 # averages the three stages' sigmoid masks (CascadeRoIHead.predict_mask -> merge_aug_masks).
@@ -38,11 +38,11 @@ def roi_head_state(dump: dict) -> dict:
     return {k[len("roi_head."):]: v for k, v in sd.items() if k.startswith("roi_head.")}
 
 
-def _load_case(name: str):
+def _load_case(name: str, device: str = "cpu"):
     dump = torch.load(ORACLE / f"{name}.pt", weights_only=False)
     head = tiny_head(DUMPS[name]).eval()
     head.load_state_dict(roi_head_state(dump), strict=True)
-    return name, dump, head, [f.float() for f in dump["fpn"]]
+    return name, dump, head.to(device), [f.float().to(device) for f in dump["fpn"]]
 
 
 @pytest.fixture(scope="module", params=sorted(DUMPS))
@@ -61,46 +61,37 @@ def test_state_dict_keys_are_mmdets(case):
     assert set(head.state_dict()) == set(roi_head_state(dump))
 
 
-def test_box_stages_match_on_reference_rois(case):
+def test_box_stages_match_on_reference_rois(case, device):
     _, dump, head, feats = case
-    sem = dump["semantic"]["feat"].float() if "semantic" in dump else None
+    head, feats = head.to(device), [f.to(device) for f in feats]
+    sem = dump["semantic"]["feat"].float().to(device) if "semantic" in dump else None
     with torch.no_grad():
         for st in dump["stages"]:
-            cls_score, bbox_pred = head.box_stage(int(st["stage"]), feats, st["rois"].float(), sem)
-            torch.testing.assert_close(cls_score, st["cls_score"].float(), atol=ATOL, rtol=0)
-            torch.testing.assert_close(bbox_pred, st["bbox_pred"].float(), atol=ATOL, rtol=0)
+            t = int(st["stage"])
+            cls_score, bbox_pred = head.box_stage(t, feats, st["rois"].float().to(device), sem)
+            assert_close_to_reference(cls_score, st["cls_score"].float(), msg=f"stage {t} cls_score")
+            assert_close_to_reference(bbox_pred, st["bbox_pred"].float(), msg=f"stage {t} bbox_pred")
 
 
-def test_semantic_head_matches(case):
-    _, dump, head, feats = case
-    if "semantic" not in dump:
-        assert head.semantic(feats) is None
-        return
+@pytest.mark.parametrize("name", sorted(n for n, kind in DUMPS.items() if kind == "htc"))
+def test_semantic_head_matches(name, device):
+    _, dump, head, feats = _load_case(name, device)
     with torch.no_grad():
         seg_pred, feat = head.semantic(feats)
-    torch.testing.assert_close(seg_pred, dump["semantic"]["seg_pred"].float(), atol=ATOL, rtol=0)
-    torch.testing.assert_close(feat, dump["semantic"]["feat"].float(), atol=ATOL, rtol=0)
+    assert_close_to_reference(seg_pred, dump["semantic"]["seg_pred"].float(), msg="seg_pred")
+    assert_close_to_reference(feat, dump["semantic"]["feat"].float(), msg="semantic feat")
 
 
-def test_predict_matches_final_detections_and_masks(predict_case):
+def test_predict_matches_final_detections_and_masks(predict_case, device):
     name, dump, head, feats = predict_case
+    head, feats = head.to(device), [f.to(device) for f in feats]
     m = dump["img_metas"][0]
     meta = {"orig_size": tuple(m["ori_shape"][:2]), "img_size": tuple(m["img_shape"][:2]),
             "scale_factor": tuple(m["scale_factor"])}
     with torch.no_grad():
-        det = head.predict(feats, [p.float() for p in dump["proposals"]], [meta])[0]
-    ref = dump["result"]
-    rb, rs, rl = ref["bboxes"].double(), ref["scores"].double(), ref["labels"].long()
-    assert len(det) == len(rb)
-    ok = ((box_iou(rb, det.boxes.double()) > 0.99) & ((rs[:, None] - det.scores.double()[None]).abs() <= ATOL)
-          & (rl[:, None] == det.labels[None]))
-    assert bool(ok.any(1).all()), f"{int((~ok.any(1)).sum())} reference detections have no match"
-    shape = ref["masks_shape"]
-    assert tuple(det.masks.shape) == tuple(shape)  # pasted at the original image size
-    ref_masks = torch.from_numpy(np.unpackbits(ref["masks_packed"].numpy(), axis=-1, count=shape[-1])
-                                 .astype(bool).reshape(shape))
-    match = ok.float().argmax(1)
-    for r in range(len(rb)):
-        a, b = ref_masks[r], det.masks[match[r]]
-        union = int((a | b).sum())
-        assert union == 0 or int((a & b).sum()) / union > 0.99, f"detection {r}: mask IoU too low"
+        det = head.predict(feats, [p.float().to(device) for p in dump["proposals"]], [meta])[0]
+    assert tuple(det.masks.shape) == tuple(dump["result"]["masks_shape"])  # pasted at the original image size
+    rep = Report()
+    compare_detections(det, dump["result"], rep, head,
+                       score_tol=score_tolerance(max(float(st["cls_score"].abs().max()) for st in dump["stages"])))
+    assert not rep.failed and len(rep.lines) == 2, "\n".join(rep.lines)  # detections, then masks

@@ -42,6 +42,7 @@ def test_grid_is_location_major_row_by_row():
             assert torch.equal(anchors[(y * 3 + x) * a:(y * 3 + x + 1) * a], base + shift)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", ["rpn", "approx", "square", "offset"])
 def test_grid_anchors_equal_mmdet(mmdet_anchors, name):
     case = mmdet_anchors[name]
@@ -52,6 +53,7 @@ def test_grid_anchors_equal_mmdet(mmdet_anchors, name):
         assert torch.equal(ours, expected)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", ["rpn", "approx", "offset"])
 def test_valid_flags_equal_mmdet(mmdet_anchors, name):
     case = mmdet_anchors[name]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from htc_lightning.models.layers.box_coder import BoxCoder
+from htc_lightning.tools.compare import assert_close_to_reference
 
 FIXTURE = Path(__file__).parent / "fixtures" / "layers" / "mmdet_anchor_assign.pt"
 
@@ -20,22 +21,24 @@ def _coder(kwargs: dict) -> BoxCoder:
                     clip_border=kwargs.get("clip_border", True))
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("case", ["unit", "rcnn", "means", "noclip"])
 def test_encode_and_decode_equal_mmdet(mmdet_coder, case):
     data, expected = mmdet_coder, mmdet_coder["cases"][case]
     coder = _coder(expected["kwargs"])
-    torch.testing.assert_close(coder.encode(data["boxes"], data["gts"]), expected["encoded"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(coder.decode(data["boxes"], data["deltas"], data["max_shape"]), expected["decoded"],
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(coder.decode(data["boxes"], data["deltas"]), expected["decoded_noshape"],
-                               rtol=0, atol=1e-5)
+    assert_close_to_reference(coder.encode(data["boxes"], data["gts"]), expected["encoded"], msg="encode")
+    assert_close_to_reference(coder.decode(data["boxes"], data["deltas"], data["max_shape"]), expected["decoded"],
+                              msg="decode")
+    assert_close_to_reference(coder.decode(data["boxes"], data["deltas"]), expected["decoded_noshape"],
+                              msg="decode without max_shape")
 
 
+@pytest.mark.reference
 def test_per_class_deltas_decode_like_mmdet(mmdet_coder):
     expected = mmdet_coder["cases"]["rcnn"]
     out = _coder(expected["kwargs"]).decode(mmdet_coder["boxes"], mmdet_coder["deltas_cls"], mmdet_coder["max_shape"])
     assert out.shape == (30, 12)
-    torch.testing.assert_close(out, expected["decoded_cls"], rtol=0, atol=1e-5)
+    assert_close_to_reference(out, expected["decoded_cls"], msg="per-class decode")
 
 
 def test_decode_inverts_encode_with_stds():

@@ -180,6 +180,7 @@ def test_bounded_iou_loss_has_no_gradient_through_target():
     ("bounded_iou",
      lambda f: bounded_iou_loss(f["biou_pred"], f["biou_target"], weight=f["biou_weight"], avg_factor=9.0)),
 ])
+@pytest.mark.reference
 def test_loss_matches_mmdet(mmdet_losses, name, call):
     ours = call(mmdet_losses)
     assert ours.item() == pytest.approx(mmdet_losses[name].item(), rel=1e-6, abs=1e-7)

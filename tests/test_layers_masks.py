@@ -6,6 +6,7 @@ import torch
 from torchvision.ops import roi_align
 
 from htc_lightning.models.layers.masks import mask_targets, paste_masks
+from htc_lightning.tools.compare import assert_close_to_reference, threshold_flips
 
 FIXTURE = Path(__file__).parent / "fixtures" / "layers" / "mmdet_layers.pt"
 
@@ -71,6 +72,7 @@ def test_no_positives_give_empty_targets():
     assert targets.shape == (0, 28, 28)
 
 
+@pytest.mark.reference
 def test_mask_targets_match_mmdet(mmdet_fixture):
     ref = mmdet_fixture["mask_targets"]
     assert torch.equal(mask_targets(ref["pos_boxes"], ref["pos_inds"], ref["gt_masks"]), ref["targets"])
@@ -138,9 +140,12 @@ def test_paste_empty():
     assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), 10, 12).shape == (0, 10, 12)
 
 
+@pytest.mark.reference
 def test_paste_matches_mmdet_do_paste_mask(mmdet_fixture):
     ref = mmdet_fixture["paste"]
     soft = paste_masks(ref["probs"], ref["boxes"], ref["img_h"], ref["img_w"], threshold=-1.0, chunk_size=3)
-    assert torch.equal(soft, ref["soft"])
+    assert_close_to_reference(soft, ref["soft"], msg="soft masks")
     binary = paste_masks(ref["probs"], ref["boxes"], ref["img_h"], ref["img_w"], threshold=0.5, chunk_size=3)
-    assert torch.equal(binary, ref["soft"] >= 0.5)
+    # pixels may flip only where mmdet's soft value sits at the 0.5 threshold
+    _, flips = threshold_flips(binary.double(), ref["soft"], 0.5)
+    assert flips.ok, flips

@@ -122,6 +122,7 @@ def test_box_count_must_match_the_assignment():
         RandomSampler(num=4, pos_fraction=0.25).sample(make_assign([0, 0, 1, 0]), boxes_for(3), GTS, GT_LABELS)
 
 
+@pytest.mark.reference
 def test_sampler_picks_equal_mmdet_with_the_same_seed():
     # mmdet draws torch.randperm on CPU for positives then negatives; our draws follow the same sequence.
     for case in torch.load(FIXTURE, weights_only=False)["sampler"]:

@@ -1,11 +1,13 @@
 """Number-for-number parity with mmdetection 3.3.0 on the oracle's tiny dumps (tests/fixtures/oracle,
 made by ../shared/oracle/dump_reference.py and dump_losses.py; see that folder's README)."""
+import re
 from pathlib import Path
 
 import pytest
 
 from htc_lightning.tools.mmdet_parity import main
 
+pytestmark = pytest.mark.reference
 ROOT = Path(__file__).resolve().parents[1]
 DUMPS = ROOT / "tests" / "fixtures" / "oracle"
 CONFIGS = ROOT / "configs" / "parity"
@@ -35,17 +37,19 @@ def test_every_family_has_inference_and_loss_dumps():
 
 
 @pytest.mark.parametrize("stem", INFERENCE)
-def test_inference_matches_mmdet_stage_by_stage(stem, capsys):
-    code = main(["--dump", str(DUMPS / f"{stem}.pt"), "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)])])
+def test_inference_matches_mmdet_stage_by_stage(stem, device, capsys):
+    code = main(["--dump", str(DUMPS / f"{stem}.pt"), "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)]),
+                 "--device", device])
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("parity: PASS"), out
     assert "FAIL" not in out
+    assert "summary: largest normalised difference" in out
 
 
 @pytest.mark.parametrize("stem", LOSSES)
-def test_training_losses_match_mmdet_term_by_term(stem, capsys):
+def test_training_losses_match_mmdet_term_by_term(stem, device, capsys):
     code = main(["--losses", "--dump", str(DUMPS / f"{stem}.pt"),
-                 "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)])])
+                 "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)]), "--device", device])
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("parity: PASS"), out
     assert out.count("ok   loss ") >= 2
@@ -61,3 +65,22 @@ def test_a_wrong_weight_is_caught(tmp_path, capsys):
     code = main(["--dump", str(path), "--config", str(CONFIGS / "htc_tiny.yaml")])
     out = capsys.readouterr().out
     assert code == 1 and "FAIL stage 1 cls_score" in out and out.rstrip().endswith("parity: FAIL")
+
+
+def test_a_shifted_location_filter_that_is_not_a_near_tie_is_caught(capsys):
+    # 0.01 -> 0.02: every location whose reference sigmoid(loc) lies in [0.01, 0.02) flips, far (in logit
+    # terms) from the reference's threshold, so the flips are not accepted as near-ties
+    code = main(["--dump", str(DUMPS / "tiny_htc_ga_s0.pt"), "--config", str(CONFIGS / "htc_ga_rpn_tiny.yaml"),
+                 "--set", "rpn_head.init_args.loc_filter_thr=0.02"])
+    out = capsys.readouterr().out
+    assert code == 1 and out.rstrip().endswith("parity: FAIL")
+    flipped = re.finditer(r"FAIL loc filter level \d +(\d+) flipped \((\d+) near", out)
+    flips = [tuple(map(int, m.groups())) for m in flipped]
+    assert flips and all(near < count for count, near in flips), out
+
+
+def test_a_shifted_score_threshold_is_caught(capsys):
+    code = main(["--dump", str(DUMPS / "tiny_htc_s0.pt"), "--config", str(CONFIGS / "htc_tiny.yaml"),
+                 "--set", "roi_head.init_args.score_thr=0.25"])  # about half the reference's scores are lower
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL detections" in out and out.rstrip().endswith("parity: FAIL")

@@ -19,25 +19,28 @@ FIXTURES = Path(__file__).parent / "fixtures" / "rpn"
 RPN_DUMPS = ["tiny_cascade_s0", "tiny_cascade_s1", "tiny_htc_s0", "tiny_htc_s3", "tiny_htc_nosem_s0"]
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", RPN_DUMPS)
-def test_raw_outputs_and_proposals_match_mmdet(name):
+def test_raw_outputs_and_proposals_match_mmdet(name, device):
     d = load_oracle(name)
     head = RPN(32, 32, test_nms_pre=1000, test_max_per_img=1000).eval()
-    assert_matches_oracle_inference(head, d)
+    assert_matches_oracle_inference(head, d, device=device)
 
 
+@pytest.mark.reference
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
     assert_losses_match_oracle(RPN(32, 32), d, {"loss_rpn_cls", "loss_rpn_bbox"})
 
 
+@pytest.mark.reference
 def test_training_proposals_use_train_settings_and_match_mmdet():
     d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
     cfg = d["rpn_proposal_cfg"]
     head = RPN(32, 32, train_nms_pre=cfg["nms_pre"], train_max_per_img=cfg["max_per_img"], nms_iou=cfg["nms_iou"],
                test_nms_pre=10, test_max_per_img=10).train()
     props = head.proposals(tuple(d["raw"]), [d["img_size"]])[0]
-    assert_same_proposal_set(props, d["train_proposals"])
+    assert_same_proposal_set(head, props, d["train_proposals"])
 
 
 def test_state_dict_keys_are_mmdets():
