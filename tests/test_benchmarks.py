@@ -54,8 +54,20 @@ def test_profile_htc_prints_the_parts_and_operators_tables():
     parts = {r[0]: float(r[1]) for r in (table_rows(out, p) for p in ("backbone", "roi_head", "mask_heads"))
              for r in r}
     assert set(parts) == {"backbone", "roi_head", "mask_heads"} and all(v > 0 for v in parts.values())
-    ops = [line for line in out.splitlines() if re.match(rf"\| (aten|torchvision)::\S+ +\| +\d+ \| +{NUMBER}", line)]
-    assert len(ops) == 5
+    # which operators are hottest, and how many distinct ones there are, depends on the machine's kernels:
+    # only the table's shape is checked (a header, 1 to --top rows, sorted by time, shares of the step)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| operator (self time)"))
+    rows = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        name, calls, ms, share = (c.strip() for c in line.strip().strip("|").split("|"))
+        rows.append((name, int(calls), float(ms), float(share)))
+    assert 1 <= len(rows) <= 5
+    assert all(name and calls >= 1 and ms >= 0 and 0 <= share <= 100 for name, calls, ms, share in rows)
+    assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+    assert sum(r[3] for r in rows) <= 100.5
 
 
 def test_roi_align_speed_compares_forward_and_backward_with_torchvision():

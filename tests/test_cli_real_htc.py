@@ -51,8 +51,9 @@ def test_real_htc_fit_resume_test_and_predict(tmp_path, coco_root):
     roi_head = fitted.model.detector.roi_head
     assert roi_head.num_classes == fitted.datamodule.num_classes  # linked, not the default 80
     assert {"val/bbox_mAP", "val/segm_mAP"} <= set(fitted.trainer.callback_metrics)
-    assert "train/loss_semantic_seg" in fitted.trainer.logged_metrics or any(
-        "semantic" in k for k in fitted.trainer.logged_metrics)
+    # the semantic branch trains: its loss is logged under its own name, finite and positive
+    semantic_loss = fitted.trainer.logged_metrics["train/loss_semantic_seg"]
+    assert torch.isfinite(semantic_loss) and float(semantic_loss) > 0
     resumed = HTCLightningCLI(args=["fit", "--config", config, "--trainer.max_steps", "3", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 3
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
