@@ -79,3 +79,15 @@ def test_config_builds_and_runs_a_training_step_and_a_prediction(path, coco):
     images, targets = next(iter(dm.val_dataloader()))
     dets = detector.predict(images, [t["meta"] for t in targets])
     assert len(dets) == len(targets)
+
+
+def test_generated_configs_are_what_the_generator_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "configs" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    stale = [rel for rel, (comment, cfg) in generate.configs().items()
+             if not (ROOT / "configs" / f"{rel}.yaml").is_file()
+             or (ROOT / "configs" / f"{rel}.yaml").read_text() != generate.render(comment, cfg)]
+    assert not stale, f"configs/generate.py and configs/ have drifted; run python configs/generate.py: {stale}"
