@@ -31,7 +31,7 @@ FIXTURES = (Path(__file__).parent / "fixtures").resolve()
 # under simulated CPUs. So that the marker cannot fall behind, a test fails that loads a fixture file, or uses
 # a pytest fixture that loaded one, without the marker.
 _running: list[pytest.Item] = []
-_reference_fixtures: set[str] = set()  # pytest fixtures seen loading a fixture file
+_reference_fixtures: set[tuple[str, str]] = set()  # (file, name) of pytest fixtures seen loading a fixture file
 _torch_load = torch.load
 
 
@@ -47,7 +47,7 @@ def _load_checking_marker(f, *args, **kwargs):
         frame = sys._getframe(1)
         while frame is not None:  # the pytest fixture (if any) whose body is loading the file
             if frame.f_code.co_name in names:
-                _reference_fixtures.add(frame.f_code.co_name)
+                _reference_fixtures.add((str(Path(frame.f_code.co_filename).resolve()), frame.f_code.co_name))
             frame = frame.f_back
         _require_marker(item, f"loads the reference fixture {Path(f).name}")
     return _torch_load(f, *args, **kwargs)
@@ -66,7 +66,9 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_runtest_setup(item):
-    used = _reference_fixtures & set(getattr(item, "fixturenames", ()))
+    # fixtures that load references are defined in test modules: a name is looked up in the test's own file
+    here = str(Path(item.path).resolve())
+    used = {name for file, name in _reference_fixtures if file == here} & set(getattr(item, "fixturenames", ()))
     if used:
         _require_marker(item, f"uses {sorted(used)}, which loaded a reference fixture")
 

@@ -36,7 +36,8 @@ def test_htc_speed_measures_inference_and_training_in_each_variant():
     for r in rows:
         seconds, images_per_s, peak_gb = float(r[5]), float(r[6]), float(r[7])
         assert seconds > 0 and peak_gb > 0
-        assert images_per_s == pytest.approx(int(r[2]) / seconds, rel=0.01)
+        # both printed with 2 decimals: the rounding of each bounds the disagreement
+        assert images_per_s == pytest.approx(int(r[2]) / seconds, rel=0.01, abs=0.006)
 
 
 def test_htc_speed_reports_an_unavailable_mmdet_as_an_error_row(tmp_path):
