@@ -79,9 +79,13 @@ class MaxIoUAssigner:
         self.ignore_wrt_candidates = ignore_wrt_candidates
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None = None,
-               gt_boxes_ignore: Tensor | None = None) -> AssignResult:
+               gt_boxes_ignore: Tensor | None = None, valid: Tensor | None = None) -> AssignResult:
+        """``valid`` (N,) bool: candidates flagged False take no part (gt_inds -1, never a gt's best match),
+        exactly as if they had been removed, but the shapes stay fixed (no boolean-mask compaction)."""
         overlaps = pairwise_iou(gt_boxes, boxes)
         overlaps = self._mark_ignored(overlaps, boxes, gt_boxes_ignore)
+        if valid is not None and overlaps.numel():
+            overlaps = torch.where(valid[None, :], overlaps, overlaps.new_tensor(-1.0))
         return self.assign_wrt_overlaps(overlaps, gt_labels)
 
     def _mark_ignored(self, overlaps: Tensor, boxes: Tensor, gt_boxes_ignore: Tensor | None) -> Tensor:
@@ -94,12 +98,11 @@ class MaxIoUAssigner:
             ignore_max = pairwise_iof(boxes, gt_boxes_ignore).max(dim=1).values
         else:
             ignore_max = pairwise_iof(gt_boxes_ignore, boxes).max(dim=0).values
-        overlaps = overlaps.clone()
-        overlaps[:, ignore_max > self.ignore_iof_thr] = -1
-        return overlaps
+        return torch.where(ignore_max[None, :] > self.ignore_iof_thr, overlaps.new_tensor(-1.0), overlaps)
 
     def assign_wrt_overlaps(self, overlaps: Tensor, gt_labels: Tensor | None = None) -> AssignResult:
-        """Assignment from a (num_gts, num_candidates) overlap matrix (mmdet's ``assign_wrt_overlaps``)."""
+        """Assignment from a (num_gts, num_candidates) overlap matrix (mmdet's ``assign_wrt_overlaps``), in
+        fixed-shape tensor arithmetic: no host-device sync."""
         num_gts, num_boxes = overlaps.shape
         device = overlaps.device
         gt_inds = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
@@ -115,28 +118,29 @@ class MaxIoUAssigner:
 
         if isinstance(self.neg_iou_thr, tuple):
             low, high = self.neg_iou_thr
-            gt_inds[(max_overlaps >= low) & (max_overlaps < high)] = 0
+            neg = (max_overlaps >= low) & (max_overlaps < high)
         else:
-            gt_inds[(max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr)] = 0
-
-        pos = max_overlaps >= self.pos_iou_thr
-        gt_inds[pos] = argmax[pos] + 1
+            neg = (max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr)
+        gt_inds = torch.where(neg, 0, gt_inds)
+        gt_inds = torch.where(max_overlaps >= self.pos_iou_thr, argmax + 1, gt_inds)
 
         if self.match_low_quality:
-            # Sequential over gts as in mmdet: a later gt overrides an earlier one on a shared best candidate.
-            for i in range(num_gts):
-                if gt_max_overlaps[i] >= self.min_pos_iou:
-                    if self.gt_max_assign_all:
-                        gt_inds[overlaps[i] == gt_max_overlaps[i]] = i + 1
-                    else:
-                        gt_inds[gt_argmax[i]] = i + 1
+            # mmdet loops over the gts and a later gt overrides an earlier one on a shared best candidate:
+            # the candidate goes to the LAST gt that claims it.
+            if self.gt_max_assign_all:
+                claims = overlaps == gt_max_overlaps[:, None]
+            else:
+                claims = torch.arange(num_boxes, device=device)[None, :] == gt_argmax[:, None]
+            claims = claims & (gt_max_overlaps >= self.min_pos_iou)[:, None]
+            last = num_gts - 1 - claims.flip(0).to(torch.uint8).argmax(dim=0)
+            gt_inds = torch.where(claims.any(dim=0), last + 1, gt_inds)
 
-        labels = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
         pos = gt_inds > 0
         if gt_labels is None:
-            labels[pos] = 0
+            labels = torch.where(pos, 0, -1)
         else:
-            labels[pos] = gt_labels.to(device=device, dtype=torch.long)[gt_inds[pos] - 1]
+            gt_labels = gt_labels.to(device=device, dtype=torch.long)
+            labels = torch.where(pos, gt_labels[(gt_inds - 1).clamp(min=0)], -1)
         return AssignResult(num_gts, gt_inds, max_overlaps, labels)
 
 

@@ -119,10 +119,7 @@ class Shared2FCBBoxHead(nn.Module):
         if not self.reg_class_agnostic and labels is not None:
             bbox_pred = bbox_pred.view(len(bbox_pred), -1, 4)[torch.arange(len(bbox_pred)), labels]
         # decoded in float32: under autocast the fp16 deltas would quantise 1333-px coordinates to 0.5-1 px
-        out = rois.new_zeros(rois.shape[0], bbox_pred.shape[1], dtype=torch.float32)
-        img_idx = rois[:, 0].long()
-        for i, size in enumerate(img_sizes):
-            sel = img_idx == i
-            if bool(sel.any()):
-                out[sel] = self.coder.decode(rois[sel, 1:].float(), bbox_pred[sel].float(), max_shape=tuple(size))
-        return out
+        if rois.shape[0] == 0:
+            return rois.new_zeros(0, bbox_pred.shape[1], dtype=torch.float32)
+        sizes = torch.tensor([tuple(s) for s in img_sizes], dtype=torch.float32, device=rois.device)
+        return self.coder.decode(rois[:, 1:].float(), bbox_pred.float(), max_shape=sizes[rois[:, 0].long()])
