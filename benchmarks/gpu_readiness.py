@@ -9,7 +9,7 @@ On a fast GPU a detector's step is bound less by FLOPs than by how often the hos
 and by how many kernels it launches; both are visible without a GPU. A ``TorchDispatchMode`` sees every
 aten op the step dispatches (forward, backward and optimizer; composite ops arrive decomposed, roughly one
 per kernel launch, views included) and flags the ones that make the host wait for the device:
-``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``), ``equal``/``is_nonzero``, ``nonzero``,
+``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``), ``equal``/``is_nonzero``/``bincount``, ``nonzero``,
 ``masked_select``, ``unique*``, ``index``/``index_put_`` with a boolean index, ``repeat_interleave`` with
 tensor repeats and no ``output_size``, torchvision's ``nms`` (its CUDA kernel copies its mask to the host),
 and the Python-side ``Tensor.tolist``/``Tensor.numpy``. Our RoIAlign runs through torchvision's kernels
@@ -52,7 +52,7 @@ def sync_kind(func, args, kwargs) -> str | None:
         return "nms" if name == "nms" else None
     if ns != "aten":
         return None
-    if name in ("_local_scalar_dense", "equal", "is_nonzero"):
+    if name in ("_local_scalar_dense", "equal", "is_nonzero", "bincount"):  # CUDA bincount reads its max
         return "item"
     if name == "nonzero":
         return "nonzero"
@@ -114,6 +114,7 @@ def make_counter(parts: Part, where: bool):
             self.ops: Counter = Counter()
             self.syncs: Counter = Counter()  # (part, kind)
             self.lines: Counter = Counter()  # (kind, file:line)
+            self.op_names: Counter = Counter()  # (part, aten op)
             self._saved = {}
 
         def _sync(self, kind: str) -> None:
@@ -124,6 +125,7 @@ def make_counter(parts: Part, where: bool):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             self.ops[parts.current] += 1
+            self.op_names[(parts.current, str(func.overloadpacket.__name__))] += 1
             kind = sync_kind(func, args, kwargs)
             if kind:
                 self._sync(kind)
@@ -276,6 +278,7 @@ def measure(opts: dict) -> dict:
         seconds = _time(step, opts["runs"], 1, opts["device"]) if opts["device"] == "cuda" else None
     return {"ops": dict(counter.ops), "syncs": {f"{p}|{k}": n for (p, k), n in counter.syncs.items()},
             "lines": {f"{k}|{line}": n for (k, line), n in counter.lines.most_common(opts["where"])},
+            "top_ops": {f"{p}|{op}": n for (p, op), n in counter.op_names.most_common(opts["top_ops"])},
             "seconds": seconds, "batch": batch_size}
 
 
@@ -309,6 +312,9 @@ def print_table(title: str, results: dict[str, dict]) -> None:
         for key, n in results[i]["lines"].items():
             kind, line = key.split("|", 1)
             print(f"  {i} {n:5d} {kind:13s} {line}")
+        for key, n in results[i]["top_ops"].items():
+            part, op = key.split("|", 1)
+            print(f"  {i} {n:5d} ops {op:28s} in {part}")
     if "ours" in impls and "mmdet" in impls:
         ours, ref = results["ours"], results["mmdet"]
         print(f"  ours/mmdet: ops {sum(ours['ops'].values()) / sum(ref['ops'].values()):.2f}x, syncs "
@@ -341,11 +347,12 @@ def main() -> None:
     ap.add_argument("--mmcv-shim", default=str(ROOT.parent / "shared" / "oracle"),
                     help="folder holding mmcv_ops_shim.py")
     ap.add_argument("--where", type=int, default=0, help="print the N source lines with the most syncs")
+    ap.add_argument("--top-ops", type=int, default=0, help="print the N most dispatched (part, op) pairs")
     args = ap.parse_args()
 
     base = dict(config=args.config, height=args.height, width=args.width, objects=args.objects,
                 device=args.device, runs=args.runs, threads=args.threads, mmcv_shim=args.mmcv_shim,
-                where=args.where)
+                where=args.where, top_ops=args.top_ops)
     print(f"GPU readiness: {Path(args.config).name} at {args.height}x{args.width}, {args.objects} objects/image, "
           f"device {args.device}")
     for mode in args.modes:

@@ -23,6 +23,12 @@ def mask_targets(pos_boxes: Tensor, pos_assigned_gt_inds: Tensor, gt_masks: Tens
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     gt_inds = pos_assigned_gt_inds.to(device=device, dtype=torch.long)
+    if gt_masks.shape[0] <= _GT_CHUNK:
+        # few gts: pool from all of them at once, each RoI from its own gt's canvas (no data-dependent
+        # selection of the used ones, which would wait for the device)
+        canvas = gt_masks.to(device=device, dtype=torch.float32)[:, None]
+        rois = torch.cat([gt_inds.float()[:, None], boxes], dim=1)
+        return (roi_align(canvas, rois, (mask_size, mask_size), 1.0, 0, True)[:, 0] >= 0.5).float()
     targets = torch.empty(num_pos, mask_size, mask_size, device=device)
     used = torch.unique(gt_inds)
     local = torch.full((gt_masks.shape[0],), -1, dtype=torch.long, device=device)

@@ -196,13 +196,16 @@ class HTCRoIHead(nn.Module):
                 valid: Sequence[Tensor] | None = None) -> list[SamplingResult]:
         """Assign and sample every image's candidates; ``valid`` flags per image the candidates that take part
         (see ``_refine``). The sample sizes of all images reach the host in one transfer."""
-        assigns = []
-        for i, (b, t) in enumerate(zip(boxes, targets)):
-            crowd = t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None
-            if crowd is not None and len(crowd) == 0:
-                crowd = None
-            assigns.append(self.assigners[stage].assign(b[:, :4], t["boxes"], t["labels"], crowd,
-                                                        None if valid is None else valid[i]))
+        assigner = self.assigners[stage]
+        crowds = [t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None for t in targets]
+        crowds = [None if c is None or len(c) == 0 else c for c in crowds]
+        if all(c is None for c in crowds):
+            # all images in one padded assignment: the same results in a fraction of the ops
+            assigns = assigner.assign_batch([b[:, :4] for b in boxes], [t["boxes"] for t in targets],
+                                            [t["labels"] for t in targets], valid)
+        else:
+            assigns = [assigner.assign(b[:, :4], t["boxes"], t["labels"], c, None if valid is None else valid[i])
+                       for i, (b, t, c) in enumerate(zip(boxes, targets, crowds))]
         sampler = self.samplers[stage]
         counts = sampler.candidate_counts(assigns)
         return [sampler.sample(a, b[:, :4], t["boxes"], t["labels"], counts=c)
