@@ -11,8 +11,9 @@ aten op the step dispatches (forward, backward and optimizer; composite ops arri
 per kernel launch, views included) and flags the ones that make the host wait for the device:
 ``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``), ``equal``/``is_nonzero``/``bincount``, ``nonzero``,
 ``masked_select``, ``unique*``, ``index``/``index_put_`` with a boolean index, ``repeat_interleave`` with
-tensor repeats and no ``output_size``, torchvision's ``nms`` (its CUDA kernel copies its mask to the host),
-and the Python-side ``Tensor.tolist``/``Tensor.numpy``. Our RoIAlign runs through torchvision's kernels
+tensor repeats and no ``output_size``, and the Python-side ``Tensor.tolist``/``Tensor.numpy``. Calls of
+torchvision's ``nms`` are counted in a column of their own: its CUDA kernel copies its mask to the host, a
+sync neither implementation can avoid per NMS call. Our RoIAlign runs through torchvision's kernels
 (``roi_align.torchvision_kernels``), as on CUDA: the vectorised CPU path is CPU-only. The optimizer is SGD
 with ``foreach=True``, what it picks on CUDA. Training is one step at ``--train-batch``, inference one
 ``predict`` at ``--infer-batch``; a warm-up step runs uncounted first.
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from htc_speed import _time, mmdet_model_and_samples, ours_model_and_batch, run_isolated  # noqa: E402
 
-SYNC_KINDS = ("item", "nonzero", "bool index", "unique", "masked_select", "repeat_interleave", "nms", "tolist")
+SYNC_KINDS = ("item", "nonzero", "bool index", "unique", "masked_select", "repeat_interleave", "tolist")
 _UNIQUE = {"_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
 _INDEX = {"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index", "_unsafe_index_put"}
 
@@ -155,9 +156,8 @@ def make_counter(parts: Part, where: bool):
 def _call_site() -> str:
     # the innermost frame of the model's code (ours or mmdet/mmcv), not torch's or this file's
     for frame in reversed(traceback.extract_stack()[:-3]):
-        f = frame.filename
-        if ("htc_lightning" in f or "mmdet" in f or "mmcv" in f or "mmengine" in f) and "gpu_readiness" not in f:
-            short = f.split("site-packages/")[-1].split(str(ROOT) + "/")[-1]
+        short = frame.filename.split("site-packages/")[-1].split(str(ROOT) + "/")[-1]
+        if short.startswith(("htc_lightning", "mmdet", "mmcv", "mmengine")):
             return f"{short}:{frame.lineno} {frame.name}"
     return "(outside the model)"
 
@@ -288,24 +288,27 @@ PART_ORDER = ("backbone+neck", "proposal generator", "proposal targets/sampling"
 
 
 def print_table(title: str, results: dict[str, dict]) -> None:
-    """One table per mode: rows are parts, columns ops and syncs per implementation."""
+    """One table per mode: rows are parts; per implementation its ops, syncs and NMS calls (torchvision's CUDA
+    ``nms`` copies its suppression mask to the host: a sync inside the kernel, kept apart from the total)."""
     impls = [k for k in ("ours", "mmdet") if k in results and "error" not in results[k]]
     print(f"\n{title}")
-    head = "| part                        |" + "".join(f" {i + ' ops':>10s} | {i + ' syncs':>11s} |" for i in impls)
+    head = "| part                        |" + "".join(f" {i + ' ops':>10s} | {i + ' syncs':>11s} | {i + ' nms':>9s} |"
+                                                   for i in impls)
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
-    per_part = {i: _syncs_by_part(results[i]) for i in impls}
+    syncs = {i: _by_part(results[i], lambda kind: kind != "nms") for i in impls}
+    nms = {i: _by_part(results[i], lambda kind: kind == "nms") for i in impls}
     names = [p for p in PART_ORDER if any(p in results[i]["ops"] for i in impls)]
     for p in names:
-        print(f"| {p:27s} |" + "".join(f" {results[i]['ops'].get(p, 0):10,d} | {per_part[i].get(p, 0):11d} |"
-                                       for i in impls))
-    print(f"| {'total':27s} |" + "".join(f" {sum(results[i]['ops'].values()):10,d} | "
-                                         f"{sum(per_part[i].values()):11d} |" for i in impls))
+        print(f"| {p:27s} |" + "".join(f" {results[i]['ops'].get(p, 0):10,d} | {syncs[i].get(p, 0):11d} | "
+                                       f"{nms[i].get(p, 0):9d} |" for i in impls))
+    print(f"| {'total':27s} |" + "".join(f" {sum(results[i]['ops'].values()):10,d} | {sum(syncs[i].values()):11d} | "
+                                         f"{sum(nms[i].values()):9d} |" for i in impls))
     for i in impls:
         kinds = Counter()
         for key, n in results[i]["syncs"].items():
             kinds[key.split("|")[1]] += n
-        print(f"  {i} syncs by kind: " + ", ".join(f"{k} {kinds[k]}" for k in SYNC_KINDS if kinds[k]))
+        print(f"  {i} syncs by kind: " + (", ".join(f"{k} {kinds[k]}" for k in SYNC_KINDS if kinds[k]) or "none"))
         if results[i]["seconds"] is not None:
             print(f"  {i} time per step: {results[i]['seconds'] * 1e3:.1f} ms "
                   f"({results[i]['batch'] / results[i]['seconds']:.2f} img/s)")
@@ -318,16 +321,18 @@ def print_table(title: str, results: dict[str, dict]) -> None:
     if "ours" in impls and "mmdet" in impls:
         ours, ref = results["ours"], results["mmdet"]
         print(f"  ours/mmdet: ops {sum(ours['ops'].values()) / sum(ref['ops'].values()):.2f}x, syncs "
-              f"{sum(per_part['ours'].values())} vs {sum(per_part['mmdet'].values())}")
+              f"{sum(syncs['ours'].values())} vs {sum(syncs['mmdet'].values())}")
     for i, r in results.items():
         if "error" in r:
             print(f"  {i}: error: {r['error']}")
 
 
-def _syncs_by_part(result: dict) -> Counter:
+def _by_part(result: dict, keep) -> Counter:
     out = Counter()
     for key, n in result["syncs"].items():
-        out[key.split("|")[0]] += n
+        part, kind = key.split("|")
+        if keep(kind):
+            out[part] += n
     return out
 
 

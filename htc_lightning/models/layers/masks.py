@@ -83,7 +83,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, threshold:
     x0i, y0i, x1i, y1i = _paste_windows(boxes, img_h, img_w)
     widths, heights = (x1i - x0i).clamp(min=0), (y1i - y0i).clamp(min=0)
     # host copies: one device sync instead of one per mask
-    x0s, y0s, ws, hs = x0i.tolist(), y0i.tolist(), widths.tolist(), heights.tolist()
+    x0s, y0s, ws, hs = torch.stack([x0i, y0i, widths, heights]).tolist()
     for start in range(0, num, chunk_size):
         sl = slice(start, start + chunk_size)
         win_w, win_h = max(ws[sl]), max(hs[sl])

@@ -57,7 +57,8 @@ class MultiLevelRoIAlign(nn.Module):
         # RoIs grouped by level with one host transfer of the group sizes (a mask and nonzero per level would
         # wait for the device once per level); stable, so each level keeps its RoIs in input order
         order = torch.argsort(levels, stable=True)
-        counts = (levels[None, :] == torch.arange(num_levels, device=levels.device)[:, None]).sum(1).tolist()
+        counts = torch.zeros(num_levels, dtype=torch.long, device=levels.device).scatter_add_(
+            0, levels, torch.ones_like(levels)).tolist()
         # every RoI gets exactly one level, so every row is written below
         out = feats[0].new_empty(rois.shape[0], feats[0].shape[1], self.output_size // avg_pool,
                                  self.output_size // avg_pool)

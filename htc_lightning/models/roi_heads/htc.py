@@ -321,8 +321,9 @@ class HTCRoIHead(nn.Module):
                 dets.append((rois.new_zeros(0, 4), rois.new_zeros(0), torch.zeros(0, dtype=torch.long,
                                                                                    device=rois.device)))
                 continue
-            sel = rois[:, 0] == i
-            b, s = boxes[sel], scores[sel, :-1]
+            # rois hold each image's proposals in turn: slices, not a mask that waits for the device
+            start = sum(len(p) for p in proposals[:i])
+            b, s = boxes[start:start + len(proposals[i])], scores[start:start + len(proposals[i]), :-1]
             if rescale and not self.with_mask:
                 # mmdet rescales before the NMS only when no mask branch rescales after it
                 b = b / self._scale(meta, b)
@@ -345,7 +346,8 @@ class HTCRoIHead(nn.Module):
             if len(b) == 0:
                 masks = torch.zeros(0, h, w, dtype=torch.bool, device=b.device)
             else:
-                p = probs[mask_rois[:, 0] == i]
+                start = sum(len(d[0]) for d in dets[:i])
+                p = probs[start:start + len(b)]
                 with record_function("paste_masks"):
                     masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
             results.append(Detections(b, s, lab, masks))
