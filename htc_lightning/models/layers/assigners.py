@@ -130,13 +130,18 @@ class MaxIoUAssigner:
         gt_sizes = [g.shape[0] for g in gt_boxes]
         cand = _pad([b[:, :4] for b in boxes])
         gts = _pad([g[:, :4].to(cand.dtype) for g in gt_boxes])
-        lengths = torch.tensor([sizes, gt_sizes], device=device)
-        ok_cand = torch.arange(cand.shape[1], device=device) < lengths[0, :, None]
-        if valid is not None:
-            ok_cand = ok_cand & _pad(list(valid))
-        ok_gt = torch.arange(gts.shape[1], device=device) < lengths[1, :, None]
-        overlaps = torch.where(ok_gt[:, :, None] & ok_cand[:, None, :], pairwise_iou(gts, cand),
-                               cand.new_tensor(-1.0))
+        overlaps = pairwise_iou(gts, cand)
+        padded = len(set(sizes)) > 1 or len(set(gt_sizes)) > 1
+        if padded or valid is not None:
+            ok_cand = ok_gt = None
+            if padded:
+                lengths = torch.tensor([sizes, gt_sizes], device=device)
+                ok_cand = torch.arange(cand.shape[1], device=device) < lengths[0, :, None]
+                ok_gt = torch.arange(gts.shape[1], device=device) < lengths[1, :, None]
+            if valid is not None:
+                ok_cand = _pad(list(valid)) if ok_cand is None else ok_cand & _pad(list(valid))
+            ok = ok_cand[:, None, :] if ok_gt is None else ok_gt[:, :, None] & ok_cand[:, None, :]
+            overlaps = torch.where(ok, overlaps, overlaps.new_tensor(-1.0))
         labels = None if gt_labels is None else _pad([lab.to(device=device, dtype=torch.long) for lab in gt_labels])
         result = self.assign_wrt_overlaps(overlaps, labels)
         per_image = zip(*(_unpad(r, sizes) for r in (result.gt_inds, result.max_overlaps, result.labels)))
