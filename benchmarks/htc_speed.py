@@ -70,19 +70,26 @@ def _time(fn, runs: int, warmup: int, device: str) -> float:
     return statistics.median(times)
 
 
-def _measure_ours(opts: dict) -> dict:
-    import torch
-
+def ours_model_and_batch(opts: dict):
+    """Our HTC (random weights, COCO's 80 classes) on ``opts["device"]`` and its synthetic batch."""
     from htc_lightning.tools.mmdet_parity import build_detector
 
-    torch.set_num_threads(opts["threads"])
     device = opts["device"]
-    # random weights, COCO's 80 classes (no data module here to link them from)
+    # no data module here to link the class count from
     det = build_detector(opts["config"], ["backbone.init_args.pretrained=false",
                                           "roi_head.init_args.num_classes=80"]).to(device)
     images, targets = synthetic_batch(opts["batch"], opts["height"], opts["width"], opts["objects"])
     images = images.to(device)
     targets = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
+    return det, images, targets
+
+
+def _measure_ours(opts: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(opts["threads"])
+    device = opts["device"]
+    det, images, targets = ours_model_and_batch(opts)
     if opts["channels_last"]:
         det = det.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -122,8 +129,9 @@ def _measure_ours(opts: dict) -> dict:
     return {"seconds": seconds, "peak_gb": _peak_memory(device)}
 
 
-def _measure_mmdet(opts: dict) -> dict:
-    import torch
+def mmdet_model_and_samples(opts: dict):
+    """mmdetection 3.3.0's HTC R-50-FPN (mmcv's operators from the oracle's torchvision shim, random weights
+    by its own init) on ``opts.get("device", "cpu")``, with the batch of ``synthetic_batch`` as its inputs."""
 
     sys.path.insert(0, opts["mmcv_shim"])
     import mmcv_ops_shim
@@ -137,7 +145,6 @@ def _measure_mmdet(opts: dict) -> dict:
     from mmengine.registry import MODELS
     from mmengine.structures import InstanceData, PixelData
 
-    torch.set_num_threads(opts["threads"])
     register_all_modules()
     cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "htc",
                                        "htc_r50_fpn_1x_coco.py"))
@@ -156,6 +163,20 @@ def _measure_mmdet(opts: dict) -> dict:
         s.gt_instances = gt
         s.gt_sem_seg = PixelData(sem_seg=t["semantic"][None])
         samples.append(s)
+    device = opts.get("device", "cpu")
+    if device != "cpu":
+        model = model.to(device)
+        images = images.to(device)
+        samples = [s.to(device) for s in samples]
+    return model, images, samples
+
+
+def _measure_mmdet(opts: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(opts["threads"])
+    device = opts["device"]
+    model, images, samples = mmdet_model_and_samples(opts)
     if opts["mode"] == "inference":
         model.eval()
 
@@ -172,8 +193,10 @@ def _measure_mmdet(opts: dict) -> dict:
             loss, _ = model.parse_losses(losses)
             loss.backward()
             opt.step()
-    seconds = _time(step, opts["runs"], opts["warmup"], "cpu")
-    return {"seconds": seconds, "peak_gb": _peak_memory("cpu")}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _time(step, opts["runs"], opts["warmup"], device)
+    return {"seconds": seconds, "peak_gb": _peak_memory(device)}
 
 
 class _null:
@@ -184,17 +207,19 @@ class _null:
         return False
 
 
-def _worker(fn_name: str, opts: dict, queue) -> None:
+def _worker(fn, opts: dict, queue) -> None:
     try:
-        queue.put(globals()[fn_name](opts))
+        queue.put((globals()[fn] if isinstance(fn, str) else fn)(opts))
     except Exception as err:  # report, don't hang the parent
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
-def run_isolated(fn_name: str, opts: dict) -> dict:
+def run_isolated(fn, opts: dict) -> dict:
+    """``fn(opts)`` (a name in this module, or a module-level function) in a fresh process: its result, or
+    ``{"error": ...}``."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(fn_name, opts, queue))
+    proc = ctx.Process(target=_worker, args=(fn, opts, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -215,7 +240,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["32"], choices=["32", "16-mixed", "bf16-mixed"])
     ap.add_argument("--channels-last", action="store_true", help="also measure with channels_last")
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile on backbone+neck")
-    ap.add_argument("--vs-mmdet", action="store_true", help="also measure mmdetection's HTC (fp32, CPU)")
+    ap.add_argument("--vs-mmdet", action="store_true", help="also measure mmdetection's HTC (fp32, on --device)")
     ap.add_argument("--mmcv-shim", default=str(ROOT.parent / "shared" / "oracle"),
                     help="folder holding mmcv_ops_shim.py")
     ap.add_argument("--skip-train", action="store_true")

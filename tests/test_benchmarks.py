@@ -95,3 +95,63 @@ def test_data_throughput_prints_images_per_second_per_pipeline():
     rows = [r for name in ("instances", "instances + pad", "instances + stuff map", "instances + stuff map + pad")
             for r in table_rows(out, name)]
     assert len(rows) == 4 and all(float(r[1]) > 0 for r in rows)
+
+
+GPU_PARTS = ("backbone+neck", "proposal generator", "proposal targets/sampling", "semantic head", "box stage 0",
+             "mask stage 0", "box stage 1", "mask stage 1", "box stage 2", "mask stage 2", "RoI targets/sampling",
+             "nms", "mask heads", "paste masks", "backward", "optimizer", "other")
+
+
+def _counts(table: str) -> dict[str, tuple[int, int, int]]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ")]
+    return {r[0]: tuple(int(c.replace(",", "")) for c in r[1:4]) for r in rows if r[0] != "part"}
+
+
+def test_gpu_readiness_counts_ops_syncs_and_nms_calls_per_part_in_both_modes():
+    out = run("gpu_readiness.py", "--config", "configs/parity/htc_tiny.yaml", "--height", "96", "--width", "128",
+              "--objects", "2", "--threads", "1")
+    train, infer = out.split("inference (predict)")
+    assert "training step" in train
+    for table, must in ((train, {"backbone+neck", "RoI targets/sampling", "box stage 2", "mask stage 2", "backward",
+                                 "optimizer"}),
+                        (infer, {"backbone+neck", "box stage 2", "nms", "mask heads", "paste masks"})):
+        counts = _counts(table)
+        parts = {k: v for k, v in counts.items() if k != "total"}
+        assert must <= set(parts) <= set(GPU_PARTS)
+        assert all(parts[p][0] > 0 for p in must)
+        # the total row is the sum of the parts, column by column
+        assert counts["total"] == tuple(sum(v[i] for v in parts.values()) for i in range(3))
+    assert "backward" not in _counts(infer)
+
+
+def _ours(mode: str, batch: int) -> dict:
+    sys.path.insert(0, str(BENCH))
+    from gpu_readiness import measure
+    from htc_speed import run_isolated
+
+    # in a fresh process: the counter instruments module functions, which must not leak into other tests
+    result = run_isolated(measure, dict(config=str(ROOT / "configs" / "parity" / "htc_tiny.yaml"), height=128,
+                                        width=128, objects=4, device="cpu", runs=1, threads=1, mmcv_shim="",
+                                        where=0, top_ops=0, impl="ours", mode=mode, batch=batch))
+    assert "error" not in result, result
+    return result
+
+
+def _syncs(result: dict) -> int:
+    return sum(n for key, n in result["syncs"].items() if not key.endswith("|nms"))
+
+
+# From the final count of the tiny HTC (benchmarks/gpu_readiness.py, issue 18): per training step at batch 2,
+# 2 RPN box filters + 2 RPN and 6 RoI sample-size transfers + 6 per-level RoI groupings; per inference, the RPN
+# filter, 4 RoI groupings, the score threshold, the per-class grouping of the NMS and the paste windows.
+TRAIN_SYNC_BUDGET = 16
+INFERENCE_SYNC_BUDGET = 8
+
+
+def test_tiny_htc_training_step_stays_within_its_sync_budget():
+    assert _syncs(_ours("train", 2)) <= TRAIN_SYNC_BUDGET
+
+
+def test_tiny_htc_inference_stays_within_its_sync_budget():
+    assert _syncs(_ours("inference", 1)) <= INFERENCE_SYNC_BUDGET

@@ -184,3 +184,35 @@ def test_approx_max_iou_assigner_equals_mmdet_on_ga_anchors(fixture):
         assert torch.equal(res.gt_inds, case["gt_inds"]), f"case {i}"
         assert torch.equal(res.labels, case["assigned_labels"]), f"case {i}"
         assert_close_to_reference(res.max_overlaps, case["max_overlaps"], msg=f"case {i}")
+
+
+def random_boxes(n, gen, size=64.0):
+    xy = torch.rand(n, 2, generator=gen) * size
+    return torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=gen) * size / 2], 1)
+
+
+def test_padded_batch_assignment_equals_each_image_assigned_alone():
+    # images of different candidate and gt counts, some candidates flagged invalid: padding takes no part
+    gen = torch.Generator().manual_seed(0)
+    boxes = [random_boxes(n, gen) for n in (40, 25, 33)]
+    gts = [random_boxes(g, gen) for g in (3, 5, 1)]
+    gts[0] = torch.cat([gts[0], boxes[0][:2] + 0.5])  # near-duplicates: positives and low-quality ties
+    labels = [torch.randint(0, 80, (len(g),), generator=gen) for g in gts]
+    valid = [torch.rand(len(b), generator=gen) > 0.2 for b in boxes]
+    assigner = MaxIoUAssigner(0.5, 0.4, min_pos_iou=0.3)
+    batched = assigner.assign_batch(boxes, gts, labels, valid)
+    for b, g, lab, v, res in zip(boxes, gts, labels, valid, batched, strict=True):
+        alone = assigner.assign(b, g, lab, valid=v)
+        assert res.num_gts == alone.num_gts
+        assert torch.equal(res.gt_inds, alone.gt_inds) and torch.equal(res.labels, alone.labels)
+
+
+def test_invalid_candidates_are_assigned_as_if_removed():
+    gen = torch.Generator().manual_seed(1)
+    boxes, gts = random_boxes(30, gen), random_boxes(4, gen)
+    valid = torch.arange(30) % 3 != 0
+    assigner = MaxIoUAssigner(0.5, 0.4, min_pos_iou=0.1)
+    flagged = assigner.assign(boxes, gts, torch.arange(4), valid=valid)
+    removed = assigner.assign(boxes[valid], gts, torch.arange(4))
+    assert torch.equal(flagged.gt_inds[valid], removed.gt_inds)
+    assert (flagged.gt_inds[~valid] == -1).all()

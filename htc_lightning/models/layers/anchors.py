@@ -120,6 +120,26 @@ class AnchorGenerator:
             flags.append(valid[:, None].expand(-1, self.num_base_anchors).reshape(-1))
         return flags
 
+    def inside_flags(self, featmap_sizes: Sequence[tuple[int, int]], pad_size: tuple[int, int],
+                     img_size: tuple[int, int], allowed_border: int = 0,
+                     device: torch.device | str = "cpu") -> Tensor:
+        """(sum H*W*A,) bool over all levels: ``valid_flags`` against ``pad_size`` and ``anchor_inside_flags``
+        against ``img_size``; cached like the grids (a batch of one size recomputes nothing). Do not modify
+        the result in place."""
+        key = ("inside", tuple((int(h), int(w)) for h, w in featmap_sizes), tuple(int(v) for v in pad_size),
+               tuple(int(v) for v in img_size), int(allowed_border), str(torch.device(device)))
+        hit = self._cache.get(key)
+        if hit is None:
+            anchors = torch.cat(self.grid_anchors(featmap_sizes, device))
+            valid = torch.cat(self.valid_flags(featmap_sizes, pad_size, device))
+            hit = anchor_inside_flags(anchors, valid, img_size, allowed_border)
+            self._cache[key] = hit
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return hit
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(strides={self.strides}, ratios={self.ratios.tolist()}, "
                 f"scales={self.scales.tolist()}, base_sizes={self.base_sizes}, center_offset={self.center_offset})")

@@ -4,17 +4,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torch.nn.utils.rnn import pad_sequence
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """(M, N) IoU. torchvision's ``box_iou`` computes mmdet's ``bbox_overlaps`` with the same operations;
-    the only difference is a zero union (two empty boxes), where mmdet divides by eps and gets 0, not NaN.
-    A fifth (score) column is ignored, as mmdet's ``BboxOverlaps2D`` does."""
-    boxes1, boxes2 = boxes1[:, :4], boxes2[:, :4]
+    """(..., M, N) IoU of (..., M, 4+) and (..., N, 4+) boxes (leading dims batch several images). The
+    arithmetic of torchvision's ``box_iou``, which computes mmdet's ``bbox_overlaps`` with the same
+    operations; the only difference is a zero union (two empty boxes), where mmdet divides by eps and gets 0,
+    not NaN. A fifth (score) column is ignored, as mmdet's ``BboxOverlaps2D`` does."""
+    boxes1, boxes2 = boxes1[..., :4], boxes2[..., :4]
     if boxes1.numel() == 0 or boxes2.numel() == 0:
-        return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
-    return torch.nan_to_num(box_iou(boxes1, boxes2), nan=0.0)
+        return boxes1.new_zeros((*boxes1.shape[:-1], boxes2.shape[-2]))
+    # (x2 - x1) * (y2 - y1) as a product over the last axis: the same two roundings in fewer ops
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    return torch.nan_to_num(inter / union, nan=0.0)
 
 
 def pairwise_iof(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
@@ -79,10 +87,20 @@ class MaxIoUAssigner:
         self.ignore_wrt_candidates = ignore_wrt_candidates
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None = None,
-               gt_boxes_ignore: Tensor | None = None) -> AssignResult:
+               gt_boxes_ignore: Tensor | None = None, valid: Tensor | None = None) -> AssignResult:
+        """``valid`` (N,) bool: candidates flagged False take no part (gt_inds -1, never a gt's best match),
+        exactly as if they had been removed, but the shapes stay fixed (no boolean-mask compaction)."""
         overlaps = pairwise_iou(gt_boxes, boxes)
         overlaps = self._mark_ignored(overlaps, boxes, gt_boxes_ignore)
-        return self.assign_wrt_overlaps(overlaps, gt_labels)
+        if valid is None:
+            return self.assign_wrt_overlaps(overlaps, gt_labels)
+        if overlaps.numel():
+            overlaps = torch.where(valid[None, :], overlaps, overlaps.new_tensor(-1.0))
+        result = self.assign_wrt_overlaps(overlaps, gt_labels)
+        # an all -1 column is already neither pos nor neg; without gts every candidate would be a negative
+        result.gt_inds = torch.where(valid, result.gt_inds, -1)
+        result.labels = torch.where(valid, result.labels, -1)
+        return result
 
     def _mark_ignored(self, overlaps: Tensor, boxes: Tensor, gt_boxes_ignore: Tensor | None) -> Tensor:
         # mmdet sets the whole column to -1, so an ignored candidate is neither neg (needs IoU >= 0) nor pos,
@@ -94,50 +112,96 @@ class MaxIoUAssigner:
             ignore_max = pairwise_iof(boxes, gt_boxes_ignore).max(dim=1).values
         else:
             ignore_max = pairwise_iof(gt_boxes_ignore, boxes).max(dim=0).values
-        overlaps = overlaps.clone()
-        overlaps[:, ignore_max > self.ignore_iof_thr] = -1
-        return overlaps
+        return torch.where(ignore_max[None, :] > self.ignore_iof_thr, overlaps.new_tensor(-1.0), overlaps)
+
+    def assign_batch(self, boxes: Sequence[Tensor], gt_boxes: Sequence[Tensor],
+                     gt_labels: Sequence[Tensor] | None = None,
+                     valid: Sequence[Tensor] | None = None) -> list[AssignResult]:
+        """``assign`` of several images at once: candidates and gts padded to the largest image, padding taking
+        no part (IoU -1, as an invalid candidate), so each result equals that image's own ``assign``. Images
+        without gts or candidates are assigned one by one (their early exit)."""
+        num = len(boxes)
+        if num == 1 or any(g.shape[0] == 0 for g in gt_boxes) or any(b.shape[0] == 0 for b in boxes):
+            return [self.assign(b, g, None if gt_labels is None else lab, None,
+                                None if valid is None else v)
+                    for b, g, lab, v in zip(boxes, gt_boxes, gt_labels or [None] * num, valid or [None] * num)]
+        device = boxes[0].device
+        sizes = [b.shape[0] for b in boxes]
+        gt_sizes = [g.shape[0] for g in gt_boxes]
+        cand = _pad([b[:, :4] for b in boxes])
+        gts = _pad([g[:, :4].to(cand.dtype) for g in gt_boxes])
+        overlaps = pairwise_iou(gts, cand)
+        padded = len(set(sizes)) > 1 or len(set(gt_sizes)) > 1
+        if padded or valid is not None:
+            ok_cand = ok_gt = None
+            if padded:
+                lengths = torch.tensor([sizes, gt_sizes], device=device)
+                ok_cand = torch.arange(cand.shape[1], device=device) < lengths[0, :, None]
+                ok_gt = torch.arange(gts.shape[1], device=device) < lengths[1, :, None]
+            if valid is not None:
+                ok_cand = _pad(list(valid)) if ok_cand is None else ok_cand & _pad(list(valid))
+            ok = ok_cand[:, None, :] if ok_gt is None else ok_gt[:, :, None] & ok_cand[:, None, :]
+            overlaps = torch.where(ok, overlaps, overlaps.new_tensor(-1.0))
+        labels = None if gt_labels is None else _pad([lab.to(device=device, dtype=torch.long) for lab in gt_labels])
+        result = self.assign_wrt_overlaps(overlaps, labels)
+        per_image = zip(*(_unpad(r, sizes) for r in (result.gt_inds, result.max_overlaps, result.labels)))
+        return [AssignResult(g, *r) for g, r in zip(gt_sizes, per_image)]
 
     def assign_wrt_overlaps(self, overlaps: Tensor, gt_labels: Tensor | None = None) -> AssignResult:
-        """Assignment from a (num_gts, num_candidates) overlap matrix (mmdet's ``assign_wrt_overlaps``)."""
-        num_gts, num_boxes = overlaps.shape
+        """Assignment from a (num_gts, num_candidates) overlap matrix (mmdet's ``assign_wrt_overlaps``), in
+        fixed-shape tensor arithmetic: no host-device sync. Leading dims (B, G, N) batch images of at least
+        one gt and one candidate (``gt_labels`` (B, G))."""
+        num_gts, num_boxes = overlaps.shape[-2:]
         device = overlaps.device
-        gt_inds = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
         if num_gts == 0 or num_boxes == 0:
+            gt_inds = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
             # No gts: everything is background, crowd boxes included (mmdet returns before the ignore rule).
             if num_gts == 0:
                 gt_inds.zero_()
             return AssignResult(num_gts, gt_inds, overlaps.new_zeros((num_boxes,)),
                                 torch.full((num_boxes,), -1, dtype=torch.long, device=device))
 
-        max_overlaps, argmax = overlaps.max(dim=0)
-        gt_max_overlaps, gt_argmax = overlaps.max(dim=1)
+        max_overlaps, argmax = overlaps.max(dim=-2)
+        gt_max_overlaps, gt_argmax = overlaps.max(dim=-1)
 
         if isinstance(self.neg_iou_thr, tuple):
             low, high = self.neg_iou_thr
-            gt_inds[(max_overlaps >= low) & (max_overlaps < high)] = 0
+            neg = (max_overlaps >= low) & (max_overlaps < high)
         else:
-            gt_inds[(max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr)] = 0
-
-        pos = max_overlaps >= self.pos_iou_thr
-        gt_inds[pos] = argmax[pos] + 1
+            neg = (max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr)
+        gt_inds = torch.where(max_overlaps >= self.pos_iou_thr, argmax + 1, neg.long() - 1)
 
         if self.match_low_quality:
-            # Sequential over gts as in mmdet: a later gt overrides an earlier one on a shared best candidate.
-            for i in range(num_gts):
-                if gt_max_overlaps[i] >= self.min_pos_iou:
-                    if self.gt_max_assign_all:
-                        gt_inds[overlaps[i] == gt_max_overlaps[i]] = i + 1
-                    else:
-                        gt_inds[gt_argmax[i]] = i + 1
+            # mmdet loops over the gts and a later gt overrides an earlier one on a shared best candidate:
+            # the candidate goes to the LAST gt that claims it.
+            if self.gt_max_assign_all:
+                claims = overlaps == gt_max_overlaps[..., None]
+            else:
+                claims = torch.arange(num_boxes, device=device) == gt_argmax[..., None]
+            claims = claims & (gt_max_overlaps >= self.min_pos_iou)[..., None]
+            last = num_gts - 1 - claims.flip(-2).to(torch.uint8).argmax(dim=-2)
+            gt_inds = torch.where(claims.any(dim=-2), last + 1, gt_inds)
 
-        labels = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
         pos = gt_inds > 0
         if gt_labels is None:
-            labels[pos] = 0
+            labels = pos.long() - 1  # 0 (the RPN's one class) or -1
         else:
-            labels[pos] = gt_labels.to(device=device, dtype=torch.long)[gt_inds[pos] - 1]
+            gt_labels = gt_labels.to(device=device, dtype=torch.long)
+            labels = torch.where(pos, torch.gather(gt_labels, -1, (gt_inds - 1).clamp(min=0)), -1)
         return AssignResult(num_gts, gt_inds, max_overlaps, labels)
+
+
+def _pad(rows: Sequence[Tensor]) -> Tensor:
+    # a stack when every image has as many rows (the usual case: fixed proposal counts), else zero padding
+    if all(r.shape[0] == rows[0].shape[0] for r in rows):
+        return torch.stack(list(rows))
+    return pad_sequence(list(rows), batch_first=True)
+
+
+def _unpad(batched: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    if all(n == batched.shape[1] for n in sizes):
+        return list(batched.unbind(0))
+    return [batched[i, :n] for i, n in enumerate(sizes)]
 
 
 class ApproxMaxIoUAssigner(MaxIoUAssigner):

@@ -41,7 +41,7 @@ class BoxCoder:
         deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
         return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
 
-    def decode(self, boxes: Tensor, deltas: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
+    def decode(self, boxes: Tensor, deltas: Tensor, max_shape: tuple[int, int] | Tensor | None = None) -> Tensor:
         if boxes.shape[-1] != 4 or deltas.shape[-1] % 4 != 0 or deltas.shape[:-1] != boxes.shape[:-1]:
             raise ValueError(f"BoxCoder.decode: boxes {tuple(boxes.shape)} must be (..., 4) and deltas "
                              f"{tuple(deltas.shape)} (..., K * 4) with the same leading shape")
@@ -57,7 +57,16 @@ class BoxCoder:
         gwh = pwh * dwh.exp()
         out = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
         if self.clip_border and max_shape is not None:
-            h, w = max_shape[0], max_shape[1]
-            out = torch.stack([out[..., 0].clamp(0, w), out[..., 1].clamp(0, h),
-                               out[..., 2].clamp(0, w), out[..., 3].clamp(0, h)], dim=-1)
+            if isinstance(max_shape, Tensor):
+                # one (h, w) per box, (N, 2): boxes of several images decoded at once; clamp(0, m) is
+                # min(max(x, 0), m), the same arithmetic as with a number
+                h, w = max_shape[:, None, 0].to(out.dtype), max_shape[:, None, 1].to(out.dtype)
+                out = torch.stack([torch.minimum(out[..., 0].clamp(min=0), w),
+                                   torch.minimum(out[..., 1].clamp(min=0), h),
+                                   torch.minimum(out[..., 2].clamp(min=0), w),
+                                   torch.minimum(out[..., 3].clamp(min=0), h)], dim=-1)
+            else:
+                h, w = max_shape[0], max_shape[1]
+                out = torch.stack([out[..., 0].clamp(0, w), out[..., 1].clamp(0, h),
+                                   out[..., 2].clamp(0, w), out[..., 3].clamp(0, h)], dim=-1)
         return out.reshape(out_shape)

@@ -18,41 +18,37 @@ def weight_reduce(loss: Tensor, weight: Tensor | None = None, avg_factor: float 
     return loss.sum() / (avg_factor + _EPS)
 
 
-def _all_zero_weight(pred: Tensor, weight: Tensor | None) -> Tensor | None:
+def _zero_if_no_weight(loss: Tensor, pred: Tensor, weight: Tensor | None) -> Tensor:
     # mmdet's box losses short-circuit to a graph-connected zero when every weight is zero (no positives),
-    # which also avoids 0 / eps noise and NaNs from degenerate boxes that carry no weight.
-    if weight is None or bool((weight > 0).any()):
-        return None
+    # which also avoids 0 / eps noise and NaNs from degenerate boxes that carry no weight. Chosen on the
+    # device (both values are cheap), so no sync asks the host whether there are positives.
+    if weight is None:
+        return loss
     if pred.dim() == weight.dim() + 1:
         weight = weight.unsqueeze(1)
-    return (pred * weight).sum()
+    return torch.where((weight > 0).any(), loss, (pred * weight).sum().to(loss.dtype))
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Tensor | None = None,
-                   avg_factor: float | None = None) -> Tensor:
+                   avg_factor: float | Tensor | None = None) -> Tensor:
     if beta <= 0:
         raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
-    zero = _all_zero_weight(pred, weight)
-    if zero is not None:
-        return zero
     if target.numel() == 0:
         return pred.sum() * 0
     if pred.shape != target.shape:
         raise ValueError(f"smooth_l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     diff = (pred - target).abs()
     loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
-    return weight_reduce(loss, weight, avg_factor)
+    return _zero_if_no_weight(weight_reduce(loss, weight, avg_factor), pred, weight)
 
 
-def l1_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None, avg_factor: float | None = None) -> Tensor:
-    zero = _all_zero_weight(pred, weight)
-    if zero is not None:
-        return zero
+def l1_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
+            avg_factor: float | Tensor | None = None) -> Tensor:
     if target.numel() == 0:
         return pred.sum() * 0
     if pred.shape != target.shape:
         raise ValueError(f"l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return weight_reduce((pred - target).abs(), weight, avg_factor)
+    return _zero_if_no_weight(weight_reduce((pred - target).abs(), weight, avg_factor), pred, weight)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None = None, avg_factor: float | None = None,
@@ -114,9 +110,6 @@ def focal_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None, al
 def bounded_iou_loss(pred: Tensor, target: Tensor, beta: float = 0.2, eps: float = 1e-3,
                      weight: Tensor | None = None, avg_factor: float | None = None) -> Tensor:
     """mmdet ``BoundedIoULoss`` (Guided Anchoring shape loss) on (N, 4) xyxy boxes."""
-    zero = _all_zero_weight(pred, weight)
-    if zero is not None:
-        return zero
     pred_cx = (pred[:, 0] + pred[:, 2]) * 0.5
     pred_cy = (pred[:, 1] + pred[:, 3]) * 0.5
     pred_w = pred[:, 2] - pred[:, 0]
@@ -135,4 +128,4 @@ def bounded_iou_loss(pred: Tensor, target: Tensor, beta: float = 0.2, eps: float
     loss_dh = 1 - torch.min(tgt_h / (pred_h + eps), pred_h / (tgt_h + eps))
     comb = torch.stack([loss_dx, loss_dy, loss_dw, loss_dh], dim=-1).flatten(1)
     loss = torch.where(comb < beta, 0.5 * comb * comb / beta, comb - 0.5 * beta)
-    return weight_reduce(loss, weight, avg_factor)
+    return _zero_if_no_weight(weight_reduce(loss, weight, avg_factor), pred, weight)

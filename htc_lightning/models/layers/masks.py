@@ -5,7 +5,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 # gt masks are turned into float a few at a time: a COCO image has up to ~100 instances at ~1333x800.
-_GT_CHUNK = 16
+GT_CHUNK = 16
 
 
 def mask_targets(pos_boxes: Tensor, pos_assigned_gt_inds: Tensor, gt_masks: Tensor, mask_size: int = 28) -> Tensor:
@@ -18,18 +18,23 @@ def mask_targets(pos_boxes: Tensor, pos_assigned_gt_inds: Tensor, gt_masks: Tens
     if gt_masks.shape[0] == 0:
         raise ValueError(f"mask_targets: {num_pos} positive boxes but no gt masks")
     height, width = gt_masks.shape[-2:]
-    boxes = pos_boxes.detach().float().clone()
-    # mmdet clips the proposals to the mask canvas before cropping
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    # mmdet clips the proposals to the mask canvas before cropping (clamp(0, m) is min(max(x, 0), m))
+    boxes = torch.minimum(pos_boxes.detach().float().clamp(min=0),
+                          torch.tensor([width, height, width, height], dtype=torch.float32, device=device))
     gt_inds = pos_assigned_gt_inds.to(device=device, dtype=torch.long)
+    if gt_masks.shape[0] <= GT_CHUNK:
+        # few gts: pool from all of them at once, each RoI from its own gt's canvas (no data-dependent
+        # selection of the used ones, which would wait for the device)
+        canvas = gt_masks.to(device=device, dtype=torch.float32)[:, None]
+        rois = torch.cat([gt_inds.float()[:, None], boxes], dim=1)
+        return (roi_align(canvas, rois, (mask_size, mask_size), 1.0, 0, True)[:, 0] >= 0.5).float()
     targets = torch.empty(num_pos, mask_size, mask_size, device=device)
     used = torch.unique(gt_inds)
     local = torch.full((gt_masks.shape[0],), -1, dtype=torch.long, device=device)
     # mmdet gathers one full-size float mask per positive; pooling each gt once (a batch index per RoI) gives
     # the same numbers with G instead of P full-size masks, a chunk of them at a time.
-    for start in range(0, len(used), _GT_CHUNK):
-        chunk = used[start:start + _GT_CHUNK]
+    for start in range(0, len(used), GT_CHUNK):
+        chunk = used[start:start + GT_CHUNK]
         local.fill_(-1)
         local[chunk] = torch.arange(len(chunk), device=device)
         rows = (local[gt_inds] >= 0).nonzero().squeeze(1)
@@ -77,7 +82,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, threshold:
     x0i, y0i, x1i, y1i = _paste_windows(boxes, img_h, img_w)
     widths, heights = (x1i - x0i).clamp(min=0), (y1i - y0i).clamp(min=0)
     # host copies: one device sync instead of one per mask
-    x0s, y0s, ws, hs = x0i.tolist(), y0i.tolist(), widths.tolist(), heights.tolist()
+    x0s, y0s, ws, hs = torch.stack([x0i, y0i, widths, heights]).tolist()
     for start in range(0, num, chunk_size):
         sl = slice(start, start + chunk_size)
         win_w, win_h = max(ws[sl]), max(hs[sl])

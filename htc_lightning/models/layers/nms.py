@@ -19,11 +19,12 @@ def _class_offsets(boxes: Tensor, idxs: Tensor) -> Tensor:
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, class_agnostic: bool = False,
-                split_thr: int = 10000) -> Tensor:
+                split_thr: int = 10000, num_classes: int | None = None) -> Tensor:
     """Indices kept, sorted by decreasing score (torchvision ``batched_nms``).
 
     mmcv's ``batched_nms`` semantics: below ``split_thr`` boxes one torchvision ``nms`` on class-offset boxes,
-    otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``."""
+    otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``. ``num_classes`` (when ``idxs`` lie
+    in 0..num_classes-1) saves reading the largest class id from the device."""
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if class_agnostic:
@@ -31,9 +32,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     shifted = _class_offsets(boxes, idxs)
     if boxes.shape[0] < split_thr:
         return nms(shifted, scores.float(), float(iou_threshold))
-    kept = []
-    for cls in torch.unique(idxs):
-        members = (idxs == cls).nonzero().squeeze(1)
+    # the boxes grouped by class with one host transfer of the group sizes (not a unique and a nonzero per
+    # class, each waiting for the device); a stable sort keeps each class's boxes in index order, as nonzero
+    labels = idxs.long()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    counts = torch.zeros(num_classes, dtype=torch.long, device=labels.device).scatter_add_(
+        0, labels, torch.ones_like(labels)).tolist()
+    order = torch.argsort(labels, stable=True)
+    kept, start = [], 0
+    for count in counts:
+        if count == 0:
+            continue
+        members = order[start:start + count]
+        start += count
         kept.append(members[nms(shifted[members], scores[members].float(), float(iou_threshold))])
     keep = torch.cat(kept)
     return _by_score(keep, scores[keep])[0]
@@ -171,7 +183,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     if inds.numel() == 0:
         return flat_boxes, flat_scores, flat_labels, inds // max(num_classes, 1)
     if nms_type == "nms":
-        keep = batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold)
+        keep = batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, num_classes=num_classes)
         kept_scores = flat_scores[keep]
     elif nms_type.startswith("soft_nms_"):
         keep, kept_scores = batched_soft_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, soft_sigma,

@@ -295,8 +295,24 @@ def roi_align_forward_cpu(feat: Tensor, rois: Tensor, spatial_scale: float, pool
     return out
 
 
+# Set by ``torchvision_kernels()``: CPU tensors take the CUDA code path (torchvision's kernels both ways).
+_FORCE_TORCHVISION = False
+
+
+@contextlib.contextmanager
+def torchvision_kernels():
+    """Run RoIAlign through torchvision's kernels on CPU too, as it runs on CUDA: what a count of the ops a
+    GPU step launches needs (``benchmarks/gpu_readiness.py``); the vectorised CPU path is many small ops."""
+    global _FORCE_TORCHVISION
+    previous, _FORCE_TORCHVISION = _FORCE_TORCHVISION, True
+    try:
+        yield
+    finally:
+        _FORCE_TORCHVISION = previous
+
+
 def _use_cpu_forward(feat: Tensor, avg_pool: int) -> bool:
-    if feat.device.type != "cpu" or feat.dtype not in (torch.float32, torch.bfloat16):
+    if _FORCE_TORCHVISION or feat.device.type != "cpu" or feat.dtype not in (torch.float32, torch.bfloat16):
         return False
     return feat.shape[1] >= _MIN_CHANNELS or avg_pool > 1
 
@@ -331,7 +347,7 @@ class _RoIAlign(torch.autograd.Function):
         if avg_pool > 1:
             # each pooled bin averages avg_pool**2 RoIAlign bins: they share its gradient equally
             grad_out = grad_out.repeat_interleave(avg_pool, 2).repeat_interleave(avg_pool, 3) / avg_pool**2
-        if grad_out.device.type == "cpu":
+        if grad_out.device.type == "cpu" and not _FORCE_TORCHVISION:
             grad_feat = roi_align_backward_cpu(grad_out, rois, spatial_scale, output_size, shape,
                                                sampling_ratio, aligned)
         else:

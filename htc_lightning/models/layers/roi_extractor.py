@@ -54,19 +54,26 @@ class MultiLevelRoIAlign(nn.Module):
             return roi_align(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
                              self.aligned, avg_pool)
         levels = self.map_roi_levels(rois, num_levels)
+        # RoIs grouped by level with one host transfer of the group sizes (a mask and nonzero per level would
+        # wait for the device once per level); stable, so each level keeps its RoIs in input order
+        order = torch.argsort(levels, stable=True)
+        counts = torch.zeros(num_levels, dtype=torch.long, device=levels.device).scatter_add_(
+            0, levels, torch.ones_like(levels)).tolist()
         # every RoI gets exactly one level, so every row is written below
         out = feats[0].new_empty(rois.shape[0], feats[0].shape[1], self.output_size // avg_pool,
                                  self.output_size // avg_pool)
         unused = None
-        for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
-            inds = (levels == level).nonzero().squeeze(1)
-            if inds.numel() == 0:
+        start = 0
+        for feat, stride, count in zip(feats, self.featmap_strides, counts):
+            if count == 0:
                 if torch.is_grad_enabled() and feat.requires_grad:
                     # keep every level in the graph so DDP sees the same parameters used on every rank
                     unused = feat.sum() * 0 if unused is None else unused + feat.sum() * 0
                 continue
-            out[inds] = roi_align(feat, rois_t[inds], size, 1.0 / stride, self.sampling_ratio, self.aligned,
-                                  avg_pool)
+            inds = order[start:start + count]
+            start += count
+            out.index_copy_(0, inds, roi_align(feat, rois_t.index_select(0, inds), size, 1.0 / stride,
+                                               self.sampling_ratio, self.aligned, avg_pool))
         if unused is not None:
             if out.shape[0] == 0:
                 return out + unused

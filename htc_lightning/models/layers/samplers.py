@@ -1,4 +1,5 @@
 """Sampling of assigned candidates into a training mini-batch."""
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,10 @@ class RandomSampler:
     Sampled indices come back sorted ascending, as mmdet's (it calls ``unique()`` on them). Random draws use
     ``torch.randperm`` (positives first, then negatives, only when a set exceeds its budget), so with the same
     seed on CPU the picks are mmdet's.
+
+    The sampled sizes are the only data-dependent shapes: the counts of positive and negative candidates
+    come to the host in one transfer (``candidate_counts``, batched over images by callers that sample several
+    at once), and every index set is then gathered with ``nonzero_static`` at its known size.
     """
 
     def __init__(self, num: int | None, pos_fraction: float, neg_pos_ub: int = -1,
@@ -55,20 +60,31 @@ class RandomSampler:
         self.add_gt_as_proposals = add_gt_as_proposals
 
     @staticmethod
-    def _choose(candidates: Tensor, budget: int | None) -> Tensor:
-        if budget is None or candidates.numel() <= budget:
+    def candidate_counts(assign_results: Sequence[AssignResult]) -> list[tuple[int, int]]:
+        """(positives, negatives) of each assignment, before any gt box is added: one host-device sync for all."""
+        if not assign_results:
+            return []
+        flat = torch.stack([torch.stack([(a.gt_inds > 0).sum(), (a.gt_inds == 0).sum()]) for a in assign_results])
+        return [(int(p), int(n)) for p, n in flat.tolist()]
+
+    @staticmethod
+    def _choose(mask: Tensor, count: int, budget: int | None) -> Tensor:
+        candidates = torch.nonzero_static(mask, size=count).view(-1)
+        if budget is None or count <= budget:
             return candidates
-        perm = torch.randperm(candidates.numel(), device=candidates.device)[:budget]
+        perm = torch.randperm(count, device=candidates.device)[:budget]
         return candidates[perm].sort().values
 
     def sample(self, assign_result: AssignResult, boxes: Tensor, gt_boxes: Tensor,
-               gt_labels: Tensor | None = None) -> SamplingResult:
+               gt_labels: Tensor | None = None, counts: tuple[int, int] | None = None) -> SamplingResult:
         """May prepend ``gt_boxes`` to ``boxes`` (and ``assign_result.add_gt_``, in place) before sampling.
-        Without ``gt_labels`` the gt boxes carry label 0 (RPN)."""
+        Without ``gt_labels`` the gt boxes carry label 0 (RPN). ``counts``: this assignment's
+        ``candidate_counts``, when the caller fetched them already."""
         boxes = boxes[:, :4]
         if boxes.shape[0] != assign_result.num_candidates:
             raise ValueError(f"RandomSampler: {boxes.shape[0]} boxes but the assignment covers "
                              f"{assign_result.num_candidates} candidates")
+        num_pos, num_neg = counts if counts is not None else self.candidate_counts([assign_result])[0]
         is_gt = torch.zeros(boxes.shape[0], dtype=torch.uint8, device=boxes.device)
         num_gts = int(gt_boxes.shape[0])
         if self.add_gt_as_proposals and num_gts > 0:
@@ -77,14 +93,15 @@ class RandomSampler:
             boxes = torch.cat([gt_boxes.to(boxes.dtype), boxes], dim=0)
             assign_result.add_gt_(gt_labels)
             is_gt = torch.cat([torch.ones(num_gts, dtype=torch.uint8, device=boxes.device), is_gt])
+            num_pos += num_gts  # every gt box is a positive of itself
 
         pos_budget = None if self.num is None else int(self.num * self.pos_fraction)
-        pos_inds = self._choose(torch.nonzero(assign_result.gt_inds > 0).view(-1), pos_budget)
+        pos_inds = self._choose(assign_result.gt_inds > 0, num_pos, pos_budget)
         neg_budget = None if self.num is None else self.num - pos_inds.numel()
         if self.neg_pos_ub >= 0:
             ub = int(self.neg_pos_ub * max(1, pos_inds.numel()))
             neg_budget = ub if neg_budget is None else min(neg_budget, ub)
-        neg_inds = self._choose(torch.nonzero(assign_result.gt_inds == 0).view(-1), neg_budget)
+        neg_inds = self._choose(assign_result.gt_inds == 0, num_neg, neg_budget)
 
         pos_assigned = assign_result.gt_inds[pos_inds] - 1
         if num_gts == 0:

@@ -57,16 +57,20 @@ def class_agnostic_gt(target: dict, like: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 def anchor_targets(anchors: Tensor, inside: Tensor, target: dict, assigner: MaxIoUAssigner, sampler: RandomSampler,
                    coder: BoxCoder) -> AnchorTargets:
-    """Assign and sample the anchors flagged ``inside``; anchors outside get label 1 with weight 0."""
-    if not bool(inside.any()):
+    """Assign and sample the anchors flagged ``inside``; anchors outside get label 1 with weight 0.
+
+    The anchors outside take no part in the assignment (``valid``), exactly as if removed, so no boolean
+    compaction of the anchors (and scatter back) waits for the device; the sampler's counts are the one
+    host transfer."""
+    gt_boxes, gt_labels, ignore = class_agnostic_gt(target, anchors)
+    assign = assigner.assign(anchors, gt_boxes, gt_labels, ignore, valid=inside)
+    counts = sampler.candidate_counts([assign])[0]
+    if sum(counts) == 0 and not bool(inside.any()):  # asks the device only when nothing was assigned
         raise ValueError(f"no anchor of {anchors.shape[0]} lies inside the image: check the image size and "
                          "anchor sizes, or set allowed_border to -1")
-    gt_boxes, gt_labels, ignore = class_agnostic_gt(target, anchors)
-    candidates = anchors[inside]
-    assign = assigner.assign(candidates, gt_boxes, gt_labels, ignore)
-    sampled = sampler.sample(assign, candidates, gt_boxes, gt_labels)
+    sampled = sampler.sample(assign, anchors, gt_boxes, gt_labels, counts=counts)
 
-    n = candidates.shape[0]
+    n = anchors.shape[0]
     labels = torch.ones(n, dtype=torch.long, device=anchors.device)
     label_weights = anchors.new_zeros(n)
     bbox_targets = anchors.new_zeros(n, 4)
@@ -80,8 +84,7 @@ def anchor_targets(anchors: Tensor, inside: Tensor, target: dict, assigner: MaxI
     if neg.numel() > 0:
         label_weights[neg] = 1.0
     avg_factor = max(int(pos.numel()), 1) + max(int(neg.numel()), 1)
-    return AnchorTargets(unmap(labels, inside, 1), unmap(label_weights, inside), unmap(bbox_targets, inside),
-                         unmap(bbox_weights, inside), avg_factor)
+    return AnchorTargets(labels, label_weights, bbox_targets, bbox_weights, avg_factor)
 
 
 def unmap(data: Tensor, inside: Tensor, fill: float = 0) -> Tensor:

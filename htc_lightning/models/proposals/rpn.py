@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.anchors import AnchorGenerator, anchor_inside_flags
+from ..layers.anchors import AnchorGenerator
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.nms import batched_nms
@@ -82,8 +82,8 @@ class RPN(nn.Module):
         anchors = torch.cat(self.anchor_generator.grid_anchors(sizes, device))
         per_image = []
         for target, img_size in zip(targets, img_sizes, strict=True):
-            valid = torch.cat(self.anchor_generator.valid_flags(sizes, pad_size_of(target, img_size), device))
-            inside = anchor_inside_flags(anchors, valid, img_size, self.allowed_border)
+            inside = self.anchor_generator.inside_flags(sizes, pad_size_of(target, img_size), img_size,
+                                                        self.allowed_border, device)
             per_image.append(anchor_targets(anchors, inside, target, self.assigner, self.sampler, self.box_coder))
         loss_cls, loss_bbox = objectness_and_delta_losses(per_image, cls_scores, bbox_preds, self.bbox_loss,
                                                           self.smooth_l1_beta)
@@ -96,24 +96,29 @@ class RPN(nn.Module):
         max_per_img = self.train_max_per_img if self.training else self.test_max_per_img
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         anchors = self.anchor_generator.grid_anchors(sizes, cls_scores[0].device)
+        # the per-level score ranking of all images at once (a sort per row), then decode and NMS per image
+        level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
+        for level, (cls, reg, anc) in enumerate(zip(cls_scores, bbox_preds, anchors, strict=True)):
+            num = cls.shape[0]
+            scores = cls.detach().permute(0, 2, 3, 1).reshape(num, -1).sigmoid()
+            deltas = reg.detach().permute(0, 2, 3, 1).reshape(num, -1, 4)
+            anc = anc[None].expand(num, -1, -1)
+            if 0 < nms_pre < scores.shape[1]:
+                # mmdet sorts (not topk): the same order among tied scores
+                scores, order = scores.sort(dim=1, descending=True)
+                scores, order = scores[:, :nms_pre], order[:, :nms_pre]
+                deltas = torch.gather(deltas, 1, order[..., None].expand(-1, -1, 4))
+                anc = torch.gather(anc, 1, order[..., None].expand(-1, -1, 4))
+            level_scores.append(scores)
+            level_deltas.append(deltas)
+            level_anchors.append(anc)
+            level_ids.append(torch.full((scores.shape[1],), level, dtype=torch.long, device=scores.device))
+        scores, deltas, anchors = torch.cat(level_scores, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors, 1)
+        level_ids = torch.cat(level_ids)
         results = []
         for b, img_size in enumerate(img_sizes):
-            level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
-            for level, (cls, reg, anc) in enumerate(zip(cls_scores, bbox_preds, anchors, strict=True)):
-                scores = cls[b].detach().permute(1, 2, 0).reshape(-1).sigmoid()
-                deltas = reg[b].detach().permute(1, 2, 0).reshape(-1, 4)
-                if 0 < nms_pre < scores.shape[0]:
-                    # mmdet sorts (not topk): the same order among tied scores
-                    scores, order = scores.sort(descending=True)
-                    scores, order = scores[:nms_pre], order[:nms_pre]
-                    deltas, anc = deltas[order], anc[order]
-                level_scores.append(scores)
-                level_deltas.append(deltas)
-                level_anchors.append(anc)
-                level_ids.append(torch.full_like(scores, level, dtype=torch.long))
-            scores = torch.cat(level_scores)
-            boxes = self.box_coder.decode(torch.cat(level_anchors), torch.cat(level_deltas), max_shape=img_size)
-            results.append(nms_per_level(boxes, scores, torch.cat(level_ids), self.min_bbox_size, self.nms_iou,
+            boxes = self.box_coder.decode(anchors[b], deltas[b], max_shape=img_size)
+            results.append(nms_per_level(boxes, scores[b], level_ids, self.min_bbox_size, self.nms_iou,
                                          max_per_img))
         return results
 
@@ -124,7 +129,8 @@ def nms_per_level(boxes: Tensor, scores: Tensor, level_ids: Tensor, min_bbox_siz
     degenerate boxes go), NMS with the level as the class, keep the best ``max_per_img``. (N, 5) out."""
     if min_bbox_size >= 0:
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        keep = (w > min_bbox_size) & (h > min_bbox_size)
+        # one nonzero for the three gathers (a boolean index each would wait for the device three times)
+        keep = ((w > min_bbox_size) & (h > min_bbox_size)).nonzero().squeeze(1)
         boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
     if boxes.shape[0] == 0:
         return boxes.new_zeros(0, 5)

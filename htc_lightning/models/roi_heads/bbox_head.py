@@ -67,23 +67,22 @@ class Shared2FCBBoxHead(nn.Module):
     def targets(self, samples: Sequence[SamplingResult]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per sampled RoI, in the order of ``SamplingResult.boxes`` concatenated over images:
         labels (background = ``num_classes``), label weights, encoded box targets and box weights."""
-        labels, label_w, box_t, box_w = [], [], [], []
+        ref = samples[0].pos_boxes
+        device = ref.device
+        # every image's positives encoded at once (element-wise, so the same numbers as one by one), in float32
+        # like the coder's targets whatever the boxes' dtype
+        pos_t = self.coder.encode(torch.cat([s.pos_boxes for s in samples]),
+                                  torch.cat([s.pos_gt_boxes for s in samples])).float()
+        labels, box_t, start = [], [], 0
         for s in samples:
             num_pos, num_neg = len(s.pos_boxes), len(s.neg_boxes)
-            ref = s.pos_boxes if num_pos else s.neg_boxes
-            lab = torch.full((num_pos + num_neg,), self.num_classes, dtype=torch.long, device=ref.device)
-            lab[:num_pos] = s.pos_gt_labels
-            # float32 like the coder's targets, whatever the boxes' dtype
-            t = torch.zeros(num_pos + num_neg, 4, device=ref.device)
-            w = torch.zeros(num_pos + num_neg, 4, device=ref.device)
-            if num_pos:
-                t[:num_pos] = self.coder.encode(s.pos_boxes, s.pos_gt_boxes)
-                w[:num_pos] = 1.0
-            labels.append(lab)
-            label_w.append(torch.ones(num_pos + num_neg, device=ref.device))
-            box_t.append(t)
-            box_w.append(w)
-        return torch.cat(labels), torch.cat(label_w), torch.cat(box_t), torch.cat(box_w)
+            labels += [s.pos_gt_labels.to(torch.long),
+                       torch.full((num_neg,), self.num_classes, dtype=torch.long, device=device)]
+            box_t += [pos_t[start:start + num_pos], pos_t.new_zeros(num_neg, 4)]
+            start += num_pos
+        labels = torch.cat(labels)
+        box_w = (labels < self.num_classes).float()[:, None].expand(-1, 4).contiguous()
+        return labels, torch.ones(len(labels), device=device), torch.cat(box_t), box_w
 
     def loss(self, cls_score: Tensor, bbox_pred: Tensor, labels: Tensor, label_weights: Tensor,
              bbox_targets: Tensor, bbox_weights: Tensor) -> dict[str, Tensor]:
@@ -92,20 +91,23 @@ class Shared2FCBBoxHead(nn.Module):
         if cls_score.numel() == 0:
             zero = cls_score.sum() * 0 + bbox_pred.sum() * 0
             return {"loss_cls": zero, "loss_bbox": zero, "acc": zero.detach()}
-        avg = max(float((label_weights > 0).sum()), 1.0)
+        # normalisers stay on the device: a float() here would make the host wait for the forward pass
+        avg = (label_weights > 0).sum().clamp(min=1).float()
         loss_cls = cross_entropy(cls_score, labels, weight=label_weights, avg_factor=avg)
-        pos = (labels >= 0) & (labels < self.num_classes)
-        if bool(pos.any()):
-            pos_pred = bbox_pred[pos] if self.reg_class_agnostic else \
-                bbox_pred.view(len(bbox_pred), -1, 4)[pos, labels[pos]]
-            avg = float(bbox_targets.shape[0])
-            if self.bbox_loss == "l1":
-                loss_bbox = l1_loss(pos_pred, bbox_targets[pos], weight=bbox_weights[pos], avg_factor=avg)
-            else:
-                loss_bbox = smooth_l1_loss(pos_pred, bbox_targets[pos], beta=self.smooth_l1_beta,
-                                           weight=bbox_weights[pos], avg_factor=avg)
+        # the box loss over every RoI with the box weights (zero off the positives): the positives' sum,
+        # without gathering a data-dependent number of rows
+        if self.reg_class_agnostic:
+            pred = bbox_pred
         else:
-            loss_bbox = bbox_pred[pos].sum()
+            rows = torch.arange(len(bbox_pred), device=bbox_pred.device)
+            pred = bbox_pred.view(len(bbox_pred), -1, 4)[rows, labels.clamp(max=self.num_classes - 1)]
+        pos = ((labels >= 0) & (labels < self.num_classes)).to(bbox_weights.dtype)[:, None]
+        avg = float(bbox_targets.shape[0])
+        if self.bbox_loss == "l1":
+            loss_bbox = l1_loss(pred, bbox_targets, weight=bbox_weights * pos, avg_factor=avg)
+        else:
+            loss_bbox = smooth_l1_loss(pred, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights * pos,
+                                       avg_factor=avg)
         # mmdet's accuracy(): correct count times 100 / N (not a mean), which rounds the same way
         acc = (cls_score.detach().argmax(1) == labels).float().sum() * (100.0 / labels.numel())
         return {"loss_cls": self.loss_cls_weight * loss_cls, "loss_bbox": self.loss_bbox_weight * loss_bbox,
@@ -119,10 +121,7 @@ class Shared2FCBBoxHead(nn.Module):
         if not self.reg_class_agnostic and labels is not None:
             bbox_pred = bbox_pred.view(len(bbox_pred), -1, 4)[torch.arange(len(bbox_pred)), labels]
         # decoded in float32: under autocast the fp16 deltas would quantise 1333-px coordinates to 0.5-1 px
-        out = rois.new_zeros(rois.shape[0], bbox_pred.shape[1], dtype=torch.float32)
-        img_idx = rois[:, 0].long()
-        for i, size in enumerate(img_sizes):
-            sel = img_idx == i
-            if bool(sel.any()):
-                out[sel] = self.coder.decode(rois[sel, 1:].float(), bbox_pred[sel].float(), max_shape=tuple(size))
-        return out
+        if rois.shape[0] == 0:
+            return rois.new_zeros(0, bbox_pred.shape[1], dtype=torch.float32)
+        sizes = torch.tensor([tuple(s) for s in img_sizes], dtype=torch.float32, device=rois.device)
+        return self.coder.decode(rois[:, 1:].float(), bbox_pred.float(), max_shape=sizes[rois[:, 0].long()])

@@ -192,15 +192,24 @@ class HTCRoIHead(nn.Module):
         return probs[-1] if self.mask_merge == "last" else torch.stack(probs).mean(0)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def _sample(self, stage: int, boxes: Sequence[Tensor], targets: Sequence[dict]) -> list[SamplingResult]:
-        out = []
-        for b, t in zip(boxes, targets):
-            crowd = t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None
-            if crowd is not None and len(crowd) == 0:
-                crowd = None
-            assign = self.assigners[stage].assign(b[:, :4], t["boxes"], t["labels"], crowd)
-            out.append(self.samplers[stage].sample(assign, b[:, :4], t["boxes"], t["labels"]))
-        return out
+    def _sample(self, stage: int, boxes: Sequence[Tensor], targets: Sequence[dict],
+                valid: Sequence[Tensor] | None = None) -> list[SamplingResult]:
+        """Assign and sample every image's candidates; ``valid`` flags per image the candidates that take part
+        (see ``_refine``). The sample sizes of all images reach the host in one transfer."""
+        assigner = self.assigners[stage]
+        crowds = [t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None for t in targets]
+        crowds = [None if c is None or len(c) == 0 else c for c in crowds]
+        if all(c is None for c in crowds):
+            # all images in one padded assignment: the same results in a fraction of the ops
+            assigns = assigner.assign_batch([b[:, :4] for b in boxes], [t["boxes"] for t in targets],
+                                            [t["labels"] for t in targets], valid)
+        else:
+            assigns = [assigner.assign(b[:, :4], t["boxes"], t["labels"], c, None if valid is None else valid[i])
+                       for i, (b, t, c) in enumerate(zip(boxes, targets, crowds))]
+        sampler = self.samplers[stage]
+        counts = sampler.candidate_counts(assigns)
+        return [sampler.sample(a, b[:, :4], t["boxes"], t["labels"], counts=c)
+                for a, b, t, c in zip(assigns, boxes, targets, counts)]
 
     def _loss_name(self, stage: int, name: str) -> str:
         # mmdet's Mask R-CNN (one stage) names its losses without the stage prefix
@@ -226,10 +235,11 @@ class HTCRoIHead(nn.Module):
                 losses["loss_semantic_seg"] = self.semantic_head.loss(seg_pred, labels)
 
         boxes = [p[:, :4].detach() for p in proposals]
+        valid = None
         for t in range(self.num_stages):
             weight = self.stage_loss_weights[t]
             with torch.no_grad(), record_function("assign_sample"):
-                samples = self._sample(t, boxes, targets)
+                samples = self._sample(t, boxes, targets, valid)
             rois = boxes_to_rois([s.boxes for s in samples])
             with record_function(f"box_stage{t}"):
                 cls_score, bbox_pred = self.box_stage(t, feats, rois, semantic_feat)
@@ -249,28 +259,32 @@ class HTCRoIHead(nn.Module):
                 if self.interleaved:
                     # HTC Sec. 3.1: the mask branch learns from the boxes this stage just regressed
                     with torch.no_grad(), record_function("assign_sample"):
-                        mask_samples = self._sample(t, refined, targets)
+                        mask_samples = self._sample(t, refined[0], targets, refined[1])
                 pos_rois = boxes_to_rois([s.pos_boxes for s in mask_samples])
                 with record_function(f"mask_stage{t}"):
                     logits = self.mask_stage(t, feats, pos_rois, semantic_feat)
                     loss_mask = self.mask_head[t].loss(logits, mask_samples, [tg["masks"] for tg in targets])
                 losses[self._loss_name(t, "loss_mask")] = loss_mask * weight
             if refined is not None:
-                boxes = refined
+                boxes, valid = refined
         return losses
 
     def _refine(self, stage: int, rois: Tensor, bbox_pred: Tensor, labels: Tensor,
-                samples: Sequence[SamplingResult], img_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+                samples: Sequence[SamplingResult], img_sizes: Sequence[tuple[int, int]]
+                ) -> tuple[list[Tensor], list[Tensor]]:
         """The sampled boxes regressed by box head ``stage``, minus the gt boxes the sampler added (mmdet's
-        ``refine_bboxes``): the next stage's proposals, and with interleaving this stage's mask candidates."""
+        ``refine_bboxes``): the next stage's proposals, and with interleaving this stage's mask candidates.
+        Returned as (boxes, valid) per image: the added gts stay in place flagged invalid, which the assigner
+        treats exactly as removed, so no boolean compaction waits for the device."""
         regressed = self.bbox_head[stage].regress(rois, bbox_pred.detach(), img_sizes, labels)
-        out = []
-        for i, s in enumerate(samples):
-            b = regressed[rois[:, 0] == i]
+        sizes = [s.pos_boxes.shape[0] + s.neg_boxes.shape[0] for s in samples]
+        boxes, valid = [], []
+        for b, s in zip(regressed.split(sizes), samples):
             keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
             keep[:len(s.pos_is_gt)] = ~s.pos_is_gt.bool()
-            out.append(b[keep])
-        return out
+            boxes.append(b)
+            valid.append(keep)
+        return boxes, valid
 
     # ---- inference ------------------------------------------------------------------------------------------
     def refine_and_score(self, feats: Sequence[Tensor], rois: Tensor, img_sizes: Sequence[tuple[int, int]],
@@ -307,8 +321,9 @@ class HTCRoIHead(nn.Module):
                 dets.append((rois.new_zeros(0, 4), rois.new_zeros(0), torch.zeros(0, dtype=torch.long,
                                                                                    device=rois.device)))
                 continue
-            sel = rois[:, 0] == i
-            b, s = boxes[sel], scores[sel, :-1]
+            # rois hold each image's proposals in turn: slices, not a mask that waits for the device
+            start = sum(len(p) for p in proposals[:i])
+            b, s = boxes[start:start + len(proposals[i])], scores[start:start + len(proposals[i]), :-1]
             if rescale and not self.with_mask:
                 # mmdet rescales before the NMS only when no mask branch rescales after it
                 b = b / self._scale(meta, b)
@@ -331,7 +346,8 @@ class HTCRoIHead(nn.Module):
             if len(b) == 0:
                 masks = torch.zeros(0, h, w, dtype=torch.bool, device=b.device)
             else:
-                p = probs[mask_rois[:, 0] == i]
+                start = sum(len(d[0]) for d in dets[:i])
+                p = probs[start:start + len(b)]
                 with record_function("paste_masks"):
                     masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
             results.append(Detections(b, s, lab, masks))

@@ -1,12 +1,13 @@
 """The mask head of one cascade stage: mmdet's ``FCNMaskHead`` (Mask R-CNN, He et al. 2017) and, with
 ``with_conv_res``, ``HTCMaskHead`` (the mask information flow of HTC, Chen et al. 2019, Sec. 3.2)."""
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
 
 from ..layers.losses import mask_cross_entropy
-from ..layers.masks import mask_targets
+from ..layers.masks import GT_CHUNK, mask_targets
 from ..layers.samplers import SamplingResult
 
 
@@ -70,7 +71,14 @@ class FCNMaskHead(nn.Module):
         averaged over positives and pixels (mmdet ``CrossEntropyLoss(use_mask=True)``)."""
         if mask_logits.shape[0] == 0:
             return mask_logits.sum() * 0
-        targets = torch.cat([mask_targets(s.pos_boxes, s.pos_assigned_gt_inds, m, self.mask_size)
-                             for s, m in zip(samples, gt_masks) if len(s.pos_boxes)])
+        if len({tuple(m.shape[1:]) for m in gt_masks}) == 1 and sum(len(m) for m in gt_masks) <= GT_CHUNK:
+            # one canvas stack for the whole batch (images of one padded size): the same RoIAligns, fewer ops
+            offsets = list(accumulate((len(m) for m in gt_masks[:-1]), initial=0))
+            targets = mask_targets(torch.cat([s.pos_boxes for s in samples]),
+                                   torch.cat([s.pos_assigned_gt_inds + o for s, o in zip(samples, offsets)]),
+                                   torch.cat(list(gt_masks)), self.mask_size)
+        else:
+            targets = torch.cat([mask_targets(s.pos_boxes, s.pos_assigned_gt_inds, m, self.mask_size)
+                                 for s, m in zip(samples, gt_masks) if len(s.pos_boxes)])
         labels = torch.cat([s.pos_gt_labels for s in samples if len(s.pos_boxes)])
         return self.loss_weight * mask_cross_entropy(mask_logits, targets, labels)
