@@ -119,6 +119,24 @@ class HTCLightningCLI(LightningCLI):
         return trainer
 
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # ``load_from`` runs in the module's setup, before Lightning restores ``ckpt_path``: tell it whether a
+        # checkpoint will be restored ("last" only when one exists), so that a resumed run skips load_from.
+        if hasattr(self.model, "resume_ckpt_path"):
+            self.model.resume_ckpt_path = self._restored_ckpt(kwargs.get("ckpt_path"))
+        return kwargs
+
+    def _restored_ckpt(self, ckpt_path: str | None) -> str | None:
+        if ckpt_path != "last":
+            return ckpt_path
+        for callback in self.trainer.checkpoint_callbacks:
+            last = Path(str(callback.dirpath or "")) / "last.ckpt"
+            if callback.dirpath and last.is_file():
+                return str(last)
+        return None
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``htc-lightning`` console script (also ``python cli.py``)."""
     HTCLightningCLI(args=args)

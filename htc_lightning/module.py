@@ -104,6 +104,7 @@ class HTCModule(pl.LightningModule):
         self.tta = tta
         self.load_from, self.load_from_format = load_from, load_from_format
         self.load_report = None
+        self.resume_ckpt_path: str | None = None  # set by the CLI when the run restores a checkpoint
         self.written_results: list[str] = []
         self.skipped_steps = 0
         self._evaluator = None
@@ -225,7 +226,7 @@ class HTCModule(pl.LightningModule):
         """``load_from``: weights only, before the stage runs; a resumed run's ``ckpt_path`` wins."""
         from .checkpoints.mmdet import load_weights
 
-        ckpt_path = self.trainer.ckpt_path if self._trainer is not None else None
+        ckpt_path = self.resume_ckpt_path or (self.trainer.ckpt_path if self._trainer is not None else None)
         if ckpt_path:
             rank_zero_print(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
             return
