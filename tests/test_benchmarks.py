@@ -82,3 +82,10 @@ def test_data_throughput_prints_images_per_second_per_pipeline():
     rows = [r for name in ("instances", "instances + pad", "instances + stuff map", "instances + stuff map + pad")
             for r in table_rows(out, name)]
     assert len(rows) == 4 and all(float(r[1]) > 0 for r in rows)
+
+
+def test_eval_vs_torchmetrics_prints_both_rows_with_the_same_ap():
+    out = run("eval_vs_torchmetrics.py", "--num-images", "6", "--dets-per-image", "20")
+    (ours,), (theirs,) = table_rows(out, "ours"), table_rows(out, "torchmetrics")
+    assert ours[-2:] == theirs[-2:]  # box AP and mask AP, printed to 4 decimals
+    assert float(ours[-2]) > 0
