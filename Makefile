@@ -1,4 +1,4 @@
-# Two commands: `make demo` (train + evaluate a small HTC on synthetic COCO, CPU)
+# Two commands: `make demo` (train + evaluate a small HTC on synthetic COCO, CPU; outputs/demo/summary.png)
 # and `make test`. Both create .venv on first use.
 PY := .venv/bin/python
 DATA := data/synthetic_coco
@@ -19,6 +19,8 @@ $(DATA)/annotations/instances_val2017.json: | $(PY)
 demo: $(PY) $(DATA)/annotations/instances_val2017.json
 	$(PY) cli.py fit --config configs/demo/htc_tiny_synthetic.yaml
 	$(PY) cli.py test --config configs/demo/htc_tiny_synthetic.yaml --ckpt_path outputs/demo/checkpoints/last.ckpt
+	$(PY) -m htc_lightning.tools.demo_summary --config configs/demo/htc_tiny_synthetic.yaml \
+		--ckpt_path outputs/demo/checkpoints/last.ckpt --out outputs/demo/summary.png
 
 # The reference tests (numbers computed elsewhere: mmdet and FishNet dumps) run twice more as on other machines:
 # scalar kernels on one thread, then AVX2 kernels (oneDNN capped at AVX2) on two.

@@ -7,9 +7,10 @@ Variants (``configs/tiny/rpn_tiny_synthetic.yaml`` and ``ga_rpn_tiny_synthetic.y
 data, schedule and seed):
 
 - ``rpn``: the plain RPN (3 anchors per location).
-- ``ga``: GA-RPN with ``invert_loc_targets=True``, i.e. the location branch trained as mmdet 3.3.0 trains it
+- ``ga``: GA-RPN as every training config builds it (``invert_loc_targets=False``): the paper's location
+  targets, centres positive.
+- ``ga-mmdet``: GA-RPN with ``invert_loc_targets=True``, the location branch trained as mmdet 3.3.0 trains it
   (its FocalLoss reads the 0/1 location map as class indices, so the box centres become the negatives).
-- ``ga-paper``: GA-RPN with ``invert_loc_targets=False``, the paper's location targets (centres positive).
 
 Each model trains with SGD (lr 0.005, momentum 0.9, weight decay 1e-4), a linear warm-up, a x0.1 step at 3/4 of
 the iterations and gradient clipping (max norm 20; GA needs it, the RPN gets the same), batch 2, random flip.
@@ -36,8 +37,8 @@ from htc_lightning.tools.mmdet_parity import build_detector
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rpn": ("rpn_tiny_synthetic.yaml", []),
-    "ga": ("ga_rpn_tiny_synthetic.yaml", ["rpn_head.init_args.invert_loc_targets=true"]),
-    "ga-paper": ("ga_rpn_tiny_synthetic.yaml", ["rpn_head.init_args.invert_loc_targets=false"]),
+    "ga": ("ga_rpn_tiny_synthetic.yaml", []),
+    "ga-mmdet": ("ga_rpn_tiny_synthetic.yaml", ["rpn_head.init_args.invert_loc_targets=true"]),
 }
 
 

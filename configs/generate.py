@@ -37,10 +37,11 @@ def fishnet(depth: int, **kw) -> dict:
 FPN = {"class_path": f"{PKG}.models.necks.fpn.FPN", "init_args": {"out_channels": 256, "num_outs": 5}}
 RPN = {"class_path": f"{PKG}.models.proposals.rpn.RPN", "init_args": {}}
 # GA-RPN proposals for a two-stage detector (mmdet's ga-*-rcnn configs): 2000/1000/300 in training,
-# 1000/1000/300 at test; GA needs gradient clipping (max norm 35, set in the trainer below)
+# 1000/1000/300 at test; GA needs gradient clipping (max norm 35, set in the trainer below). The location
+# branch trains with the paper's targets (centres positive); mmdet >= 2.0 inverts them (HTC_GA_NOTES.md).
 GA_RPN = {"class_path": f"{PKG}.models.proposals.ga_rpn.GARPN",
-          "init_args": {"train_nms_pre": 2000, "train_nms_post": 1000, "train_max_per_img": 300,
-                        "test_nms_pre": 1000, "test_nms_post": 1000, "test_max_per_img": 300}}
+          "init_args": {"invert_loc_targets": False, "train_nms_pre": 2000, "train_nms_post": 1000,
+                        "train_max_per_img": 300, "test_nms_pre": 1000, "test_nms_post": 1000, "test_max_per_img": 300}}
 SEMANTIC = {"class_path": f"{PKG}.models.roi_heads.semantic_head.FusedSemanticHead",
             "init_args": {"num_classes": 183}}
 
@@ -142,7 +143,8 @@ def configs() -> dict[str, tuple[str, dict]]:
         "GA-RPN R-50-FPN alone, evaluated by proposal AR@100/300/1000 (mmdet ga-rpn_r50_fpn_1x_coco.py; model zoo "
         "R-50-caffe AR@1000 68.4).",
         r50, {"class_path": GA_RPN["class_path"],
-              "init_args": {"test_nms_pre": 2000, "test_nms_post": 1000, "test_max_per_img": 1000}},
+              "init_args": {"invert_loc_targets": False, "test_nms_pre": 2000, "test_nms_post": 1000,
+                            "test_max_per_img": 1000}},
         None, clip=35.0, name="ga-rpn_r50_fpn_1x_coco")
     out["ga_rpn/rpn_r50_fpn_1x_coco"] = config(
         "Plain RPN R-50-FPN alone, the GA-RPN comparison (proposal AR).", r50,

@@ -91,22 +91,33 @@ class HTCLightningCLI(LightningCLI):
                                     if getattr(a, "target", (None,))[0] != ROI_HEAD_NUM_CLASSES]
 
     def _parse_ckpt_path(self) -> None:
-        """``test/predict --ckpt_path FILE``: take only the architecture (the detector) from the checkpoint's
-        hyperparameters. Lightning's default applies all of them over the config, which would silently undo
+        """``test/predict --ckpt_path FILE``: take only the architecture (the detector) and the categories from the
+        checkpoint. Lightning's default applies all of them over the config, which would silently undo
         evaluation settings given in the config or on the command line (``outfile_prefix``, ``backend``, ...)."""
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        if "detector" not in hparams:
-            return
-        # the whole model entry as parsed, with the checkpoint's detector: parsing a partial entry would reset
-        # the other init_args to their defaults
-        model = self.config[self.config.subcommand]["model"].as_dict()
-        model.setdefault("init_args", {})["detector"] = hparams["detector"]
-        self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        hparams = checkpoint.get("hyper_parameters", {})
+        update: dict[str, Any] = {}
+        if "detector" in hparams:
+            # the whole model entry as parsed, with the checkpoint's detector: parsing a partial entry would reset
+            # the other init_args to their defaults
+            model = self.config[self.config.subcommand]["model"].as_dict()
+            model.setdefault("init_args", {})["detector"] = hparams["detector"]
+            update["model"] = model
+        data = self.config[self.config.subcommand].get("data")
+        if checkpoint.get("categories") and data is not None:
+            # the checkpoint's label table: predict needs no annotation file, test checks the file's against it
+            data = data.as_dict()
+            init_args = data.setdefault("init_args", {})
+            if "categories" in init_args and init_args["categories"] is None:
+                init_args["categories"] = checkpoint["categories"]
+                update["data"] = data
+        if update:
+            self.config = self.parser.parse_object({self.config.subcommand: update}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -117,6 +128,24 @@ class HTCLightningCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # ``load_from`` runs in the module's setup, before Lightning restores ``ckpt_path``: tell it whether a
+        # checkpoint will be restored ("last" only when one exists), so that a resumed run skips load_from.
+        if hasattr(self.model, "resume_ckpt_path"):
+            self.model.resume_ckpt_path = self._restored_ckpt(kwargs.get("ckpt_path"))
+        return kwargs
+
+    def _restored_ckpt(self, ckpt_path: str | None) -> str | None:
+        if ckpt_path != "last":
+            return ckpt_path
+        for callback in self.trainer.checkpoint_callbacks:
+            last = Path(str(callback.dirpath or "")) / "last.ckpt"
+            if callback.dirpath and last.is_file():
+                return str(last)
+        return None
 
 
 def main(args: list[str] | None = None) -> None:

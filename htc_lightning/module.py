@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from .structures import Detections, ImageMeta
@@ -61,6 +62,12 @@ class HTCModule(pl.LightningModule):
         tta: when set, validation, test and predict run the detector through this multi-scale + flip
             test-time augmentation (:class:`~htc_lightning.tta.TestTimeAugmentation`) instead of
             ``detector.predict``; training is unaffected.
+        load_from: initialise the detector's weights (only) from this file before fit/validate/test/predict:
+            an mmdetection checkpoint (v2/v3 layout, ``{"state_dict": ...}`` or bare) or one of our ``.ckpt``
+            files (mmdet's ``load_from``). Layers sized by the class count are re-initialised at ``fit`` when the
+            data has other classes (reported), and are an error at validate/test/predict. A ``ckpt_path``
+            (resume) wins: then this is skipped.
+        load_from_format: ``"v2"`` (mmdet 2.x and 3.x files) or ``"v1"`` (mmdet 1.x: background class first).
     """
 
     def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
@@ -69,7 +76,8 @@ class HTCModule(pl.LightningModule):
                  iou_types: Sequence[str] | None = None,
                  backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
                  outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
-                 log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None) -> None:
+                 log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None,
+                 load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2") -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
@@ -94,6 +102,10 @@ class HTCModule(pl.LightningModule):
         self.log_images = log_images
         self.score_thr_vis = score_thr_vis
         self.tta = tta
+        self.load_from, self.load_from_format = load_from, load_from_format
+        self.load_report = None
+        self.resume_ckpt_path: str | None = None  # set by the CLI when the run restores a checkpoint
+        self.written_results: list[str] = []
         self.skipped_steps = 0
         self._evaluator = None
         self._images_logged = 0
@@ -152,6 +164,10 @@ class HTCModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        # the categories travel with the weights, so predict needs no annotation file (the CLI reads them back)
+        categories = getattr(getattr(self.trainer, "datamodule", None), "categories", None)
+        if categories is not None:
+            checkpoint["categories"] = [dict(c) for c in categories]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
@@ -195,6 +211,8 @@ class HTCModule(pl.LightningModule):
         return self._steps_per_epoch
 
     def setup(self, stage: str) -> None:
+        if self.load_from is not None:
+            self.load_pretrained(stage)
         # HTC's semantic branch learns from COCO-Stuff maps; without them its loss has no target.
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if (stage == "fit" and getattr(self.detector, "with_semantic", False) and dm is not None
@@ -203,6 +221,18 @@ class HTCModule(pl.LightningModule):
                 "this detector has HTC's semantic branch, which trains on COCO-Stuff label maps, but the data module "
                 "loads none: set data.init_args.stuff_maps (e.g. 'stuffthingmaps'), or train the config without it, "
                 "configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml")
+
+    def load_pretrained(self, stage: str) -> None:
+        """``load_from``: weights only, before the stage runs; a resumed run's ``ckpt_path`` wins."""
+        from .checkpoints.mmdet import load_weights
+
+        ckpt_path = self.resume_ckpt_path or (self.trainer.ckpt_path if self._trainer is not None else None)
+        if ckpt_path:
+            rank_zero_print(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
+            return
+        self.load_report = load_weights(self.detector, self.load_from, self.load_from_format,
+                                        allow_new_classes=stage == "fit")
+        rank_zero_print(self.load_report.format(f"load_from {self.load_from}"))
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.detector.parameters() if p.requires_grad]
@@ -232,11 +262,16 @@ class HTCModule(pl.LightningModule):
             ann_file = getattr(dm, "val_ann_file", None)
         cat_ids = getattr(dm, "cat_ids", None)
         prefix = None if self.outfile_prefix is None else f"{self.outfile_prefix}.{stage}"
+        if prefix is None and stage == "test" and self._trainer is not None:
+            # detectron2's habit: a test run leaves its COCO results next to its logs
+            prefix = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "results.test")
         if ann_file is None and (prefix is None or cat_ids is None):
             rank_zero_warn_once(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
             return None
-        return CocoEvaluator(None if ann_file is None else str(ann_file), None if cat_ids is None else list(cat_ids),
-                             iou_types=self.default_iou_types(), backend=self.backend, outfile_prefix=prefix)
+        evaluator = CocoEvaluator(None if ann_file is None else str(ann_file),
+                                  None if cat_ids is None else list(cat_ids), iou_types=self.default_iou_types(),
+                                  backend=self.backend, outfile_prefix=prefix)
+        return evaluator.to(self.device)  # its states sync across ranks with the process group's device
 
     def predict_batch(self, batch: Batch) -> tuple[list[Detections], list[ImageMeta]]:
         images, targets = batch
@@ -255,7 +290,10 @@ class HTCModule(pl.LightningModule):
         if self._evaluator is None:
             return
         metrics = self._evaluator.compute()  # a collective under DDP: same numbers on every rank
+        self.written_results = list(self._evaluator.written_files)
         self._evaluator.reset()
+        if self.written_results and stage == "test":
+            rank_zero_print("COCO results written: " + ", ".join(self.written_results))
         if metrics:
             # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
             # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.
@@ -322,6 +360,11 @@ def _built_by_cli() -> bool:
     except ImportError:
         return False
     return _given_hyperparameters.get() is not None
+
+
+@rank_zero_only
+def rank_zero_print(message: str) -> None:
+    print(message, flush=True)
 
 
 _warned: set[str] = set()

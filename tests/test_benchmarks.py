@@ -155,3 +155,10 @@ def test_tiny_htc_training_step_stays_within_its_sync_budget():
 
 def test_tiny_htc_inference_stays_within_its_sync_budget():
     assert _syncs(_ours("inference", 1)) <= INFERENCE_SYNC_BUDGET
+
+
+def test_eval_vs_torchmetrics_prints_both_rows_with_the_same_ap():
+    out = run("eval_vs_torchmetrics.py", "--num-images", "6", "--dets-per-image", "20")
+    (ours,), (theirs,) = table_rows(out, "ours"), table_rows(out, "torchmetrics")
+    assert ours[-2:] == theirs[-2:]  # box AP and mask AP, printed to 4 decimals
+    assert float(ours[-2]) > 0

@@ -54,3 +54,27 @@ def test_mask_rcnn_single_heads_map_onto_our_one_stage_lists():
     assert sorted(convert_mmdet_state_dict(sd)) == sorted([
         "roi_head.bbox_head.0.fc_cls.weight", "roi_head.bbox_head.0.shared_fcs.0.bias",
         "roi_head.mask_head.0.convs.2.weight", "roi_head.mask_head.0.upsample.weight", "rpn_head.conv_loc.weight"])
+
+
+def test_v1_per_class_box_regression_drops_the_background_rows():
+    fc_reg = torch.arange(16.0)[:, None]  # 4 rows for background + 4 for each of 3 classes
+    out = convert_mmdet_state_dict({"roi_head.bbox_head.0.fc_cls.weight": torch.zeros(4, 1),
+                                    "roi_head.bbox_head.0.fc_reg.weight": fc_reg,
+                                    "roi_head.bbox_head.0.fc_reg.bias": fc_reg[:, 0]}, "v1")
+    assert out["roi_head.bbox_head.0.fc_reg.weight"].flatten().tolist() == list(range(4, 16))
+    assert out["roi_head.bbox_head.0.fc_reg.bias"].tolist() == list(range(4, 16))
+
+
+def test_per_class_box_regression_loads_into_a_class_specific_head():
+    from htc_lightning.checkpoints.mmdet import load_mmdet_checkpoint
+    from htc_lightning.models.roi_heads.bbox_head import Shared2FCBBoxHead
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = Shared2FCBBoxHead(3, 4, 2, 8, reg_class_agnostic=False)
+
+    ours = Wrapper()
+    theirs = {k: torch.randn_like(v) for k, v in ours.state_dict().items()}
+    report = load_mmdet_checkpoint(ours, theirs)
+    assert report.ok and torch.equal(ours.head.fc_reg.weight, theirs["head.fc_reg.weight"])

@@ -91,3 +91,25 @@ def test_generated_configs_are_what_the_generator_writes():
              if not (ROOT / "configs" / f"{rel}.yaml").is_file()
              or (ROOT / "configs" / f"{rel}.yaml").read_text() != generate.render(comment, cfg)]
     assert not stale, f"configs/generate.py and configs/ have drifted; run python configs/generate.py: {stale}"
+
+
+def _ga_heads(path: Path) -> list[dict]:
+    cfg = yaml.safe_load(path.read_text())
+    det = cfg["model"]["init_args"]["detector"] if "model" in cfg else cfg
+    head = det["init_args"]["rpn_head"]
+    return [head] if head["class_path"].endswith("GARPN") else []
+
+
+def test_every_ga_training_config_trains_with_the_papers_location_targets():
+    heads = {p: _ga_heads(ROOT / p) for p in CLI_CONFIGS}
+    ga = {p: h[0] for p, h in heads.items() if h}
+    assert len(ga) >= 7  # ga_rpn/, htc_ga-rpn, entry2018/ (5), tiny
+    inverted = [p for p, h in ga.items() if h["init_args"].get("invert_loc_targets", False)]
+    assert inverted == []
+
+
+def test_parity_ga_configs_reproduce_mmdets_inverted_location_targets():
+    paths = sorted((ROOT / "configs" / "parity").glob("*ga*.yaml"))
+    assert len(paths) == 2
+    for path in paths:
+        assert _ga_heads(path)[0]["init_args"]["invert_loc_targets"] is True, path

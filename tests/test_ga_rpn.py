@@ -41,7 +41,7 @@ def test_raw_outputs_and_proposals_match_mmdet(name, prefix, nms_pre, nms_post, 
 @pytest.mark.reference
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
-    assert_losses_match_oracle(GARPN(32, 32), d,
+    assert_losses_match_oracle(GARPN(32, 32, invert_loc_targets=True), d,
                                {"loss_rpn_cls", "loss_rpn_bbox", "loss_anchor_shape", "loss_anchor_loc"})
 
 
@@ -138,10 +138,10 @@ def test_shape_loss_is_the_bounded_iou_of_guided_anchors_and_their_gts():
 
 
 def test_loc_targets_inversion_flag():
-    # mmdet 3.3.0 trains the centre region towards 0 (see GARPN.loss); the flag restores the paper's reading
+    # mmdet 3.3.0 trains the centre region towards 0 (see GARPN.loss); the default is the paper's reading
     torch.manual_seed(1)
     boxes = [[10.0, 12.0, 50.0, 30.0]]
-    mmdet_like, paper = GARPN(8, 8).train(), GARPN(8, 8, invert_loc_targets=False).train()
+    mmdet_like, paper = GARPN(8, 8, invert_loc_targets=True).train(), GARPN(8, 8).train()
     paper.load_state_dict(mmdet_like.state_dict())
     raw = mmdet_like(tiny_feats())
     sizes = [tuple(s.shape[-2:]) for s in raw[3]]
@@ -195,9 +195,15 @@ def test_test_time_outputs_are_zero_where_the_location_is_filtered():
     assert torch.all(reg[0][dropped.expand_as(reg[0])] == 0)
 
 
+@pytest.mark.parametrize("invert", [False, True])
+def test_location_bias_starts_at_the_001_prior_in_both_target_modes(invert):
+    head = GARPN(8, 8, invert_loc_targets=invert)
+    assert torch.sigmoid(head.conv_loc.bias).item() == pytest.approx(0.01)
+
+
 def test_loss_decreases_over_a_few_steps():
     torch.manual_seed(4)
-    head = GARPN(8, 8, invert_loc_targets=False)
+    head = GARPN(8, 8)
     totals = total_losses_over_steps(head, tiny_feats(), lr=0.05)
     assert totals[-1] < 0.7 * totals[0]
 

@@ -36,6 +36,9 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         missing_images: an image listed but absent is an ``"error"`` at setup, or ``"skip"`` (a warning).
         group_by_aspect_ratio: training batches hold only landscape or only portrait images.
+        categories: the label table (``[{"id": ..., "name": ...}, ...]`` in label order), e.g. from a
+            checkpoint (the CLI fills it from ``--ckpt_path``): then no annotation file is needed (``predict``),
+            and one that is present must list the same categories.
         seed: shuffling seed (epoch ``e`` uses ``seed + e``); each training sample's augmentation (scale,
             flip) is drawn from a seed of (seed, epoch, index), so it does not depend on workers or resumes.
 
@@ -54,7 +57,7 @@ class CocoDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                  batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 2,
                  missing_images: Literal["error", "skip"] = "error", group_by_aspect_ratio: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, categories: list[dict] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.data_root = Path(data_root)
@@ -80,6 +83,8 @@ class CocoDataModule(pl.LightningDataModule):
         self.test_dataset: CocoDetection | None = None
         self.predict_dataset: ImageFolder | None = None
         self.train_sampler: GroupedBatchSampler | None = None
+        self._given_categories = None if categories is None else [
+            {"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]
         self._categories: list[dict] | None = None
 
     # -- paths and categories ----------------------------------------------------------------------------
@@ -104,13 +109,22 @@ class CocoDataModule(pl.LightningDataModule):
         if self._categories is None:
             for ann in (self.val_ann, self.test_ann, self.train_ann):
                 if ann is not None and self._path(ann).is_file():
-                    self._categories = sorted(load_json(self._path(ann)).get("categories", []),
-                                              key=lambda c: c["id"])
+                    found = sorted(load_json(self._path(ann)).get("categories", []), key=lambda c: c["id"])
+                    if self._given_categories is not None:
+                        _check_same_categories(self._given_categories, found, self._path(ann))
+                    self._categories = found
                     break
             else:
-                raise FileNotFoundError(f"no annotation file found under {self.data_root} "
-                                        f"({self.val_ann}, {self.train_ann}) to read the categories from")
+                if self._given_categories is None:
+                    raise FileNotFoundError(f"no annotation file found under {self.data_root} "
+                                            f"({self.val_ann}, {self.train_ann}) to read the categories from")
+                self._categories = self._given_categories
         return self._categories
+
+    @property
+    def categories(self) -> list[dict]:
+        """``[{"id", "name"}]`` in label order: what a checkpoint stores so that it can predict on its own."""
+        return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in self._category_list()]
 
     @property
     def cat_ids(self) -> list[int]:
@@ -203,6 +217,14 @@ class CocoDataModule(pl.LightningDataModule):
             self.setup("predict")
         # Lightning shards prediction itself (UnrepeatedDistributedSampler) to track indices.
         return self._loader(self.predict_dataset, batch_size=self.val_batch_size, shuffle=False)
+
+
+def _check_same_categories(expected: list[dict], found: list[dict], path: Path) -> None:
+    ours = [(int(c["id"]), str(c.get("name", c["id"]))) for c in expected]
+    theirs = [(int(c["id"]), str(c.get("name", c["id"]))) for c in found]
+    if ours != theirs:
+        raise ValueError(f"{path} has categories {theirs}, but the model (checkpoint) was trained for {ours}: "
+                         "evaluate on data with the same categories, or fine-tune with load_from")
 
 
 def _ignore_sigterm(worker_id: int) -> None:

@@ -1,14 +1,13 @@
-"""COCO box / mask AP and proposal AR, gathered across ranks.
+"""COCO box / mask AP and proposal AR as a ``torchmetrics.Metric``.
 
-Predictions are turned into COCO result dicts as soon as they arrive (boxes as xywh floats, masks as
-compressed RLE with ``str`` counts), so a whole validation epoch never keeps a dense mask.
-
-Distributed use (DDP): every rank calls :meth:`CocoEvaluator.update` on its own shard and then *all* ranks
-call :meth:`CocoEvaluator.compute` (it is a collective). ``compute`` all-gathers the per-image results with
-``torch.distributed.all_gather_object``, keeps the first copy of each ``image_id`` (``DistributedSampler``
-pads the last batch with repeated images), evaluates on rank 0 only and broadcasts the metric dict, so every
-rank returns the same numbers (log them with ``sync_dist=False``). An exception raised while evaluating on
-rank 0 is re-raised on every rank instead of leaving the others waiting in the broadcast.
+Predictions are turned into COCO results as soon as they arrive (boxes as xywh float64, masks as compressed
+RLE), so a whole validation epoch never keeps a dense mask. The metric's states are flat tensors, one list
+each (image ids and sizes, per-image detection counts, boxes, scores, labels, and the RLE strings as uint8
+bytes with their lengths), so torchmetrics gathers them across ranks like any other metric's (DDP: every rank
+calls :meth:`CocoEvaluator.compute`, a collective). ``compute`` keeps the first copy of each ``image_id``
+(``DistributedSampler`` pads the last batch with repeated images), evaluates on rank 0 only and broadcasts the
+metric dict, so every rank returns the same numbers; an exception raised while evaluating on rank 0 is
+re-raised on every rank instead of leaving the others waiting in the broadcast.
 """
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from htc_lightning.structures import Detections, ImageMeta
 
@@ -112,7 +113,13 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class CocoEvaluator:
+# The metric's states (flat 1-D tensors, concatenated over updates and ranks) and their dtypes.
+_STATES = {"image_ids": torch.int64, "image_sizes": torch.int64, "num_dets": torch.int64,
+           "boxes": torch.float64, "scores": torch.float64, "labels": torch.int64,
+           "rle_lengths": torch.int64, "rle_bytes": torch.uint8}
+
+
+class CocoEvaluator(Metric):
     """COCO bbox / segm AP and proposal AR over the images passed to :meth:`update`.
 
     Args:
@@ -132,13 +139,18 @@ class CocoEvaluator:
     detection, so a partial validation run (``limit_val_batches``) gives the AP of that subset. mmdet's
     CocoMetric instead evaluates every image of the annotation file; over a full split the two agree.
     Returned values are COCO's, unrounded: -1 where an entry is undefined (e.g. no small objects); all zeros
-    (with a warning) when there is no detection at all.
+    (with a warning) when there is no detection at all. After ``compute``, :attr:`written_files` lists the
+    json files it wrote.
     """
+
+    full_state_update = False
 
     def __init__(self, ann_file: str | None, cat_ids: list[int] | None = None,
                  iou_types: tuple[str, ...] = ("bbox", "segm"), backend: Backend = "pycocotools",
                  proposal_nums: tuple[int, ...] = (100, 300, 1000), outfile_prefix: str | None = None,
                  verbose: bool = False) -> None:
+        # no cache: verbose or outfile_prefix set between two compute() calls take effect
+        super().__init__(compute_with_cache=False)
         unknown = [t for t in iou_types if t not in _IOU_TYPES]
         if unknown or not iou_types:
             raise ValueError(f"iou_types {tuple(iou_types)}: expected a non-empty subset of {_IOU_TYPES}")
@@ -156,7 +168,9 @@ class CocoEvaluator:
         self._cat_ids = None if cat_ids is None else [int(c) for c in cat_ids]
         self._coco_gt = None  # loaded on the evaluating rank at the first compute(), then kept across reset()
         self.summary = ""
-        self._results: dict[int, tuple[list[dict], list[dict]]] = {}
+        self.written_files: list[str] = []
+        for name in _STATES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     @property
     def cat_ids(self) -> list[int]:
@@ -166,41 +180,93 @@ class CocoEvaluator:
                 self._cat_ids = sorted(int(c["id"]) for c in json.load(f)["categories"])
         return self._cat_ids
 
-    def reset(self) -> None:
-        self._results = {}
-
     def update(self, detections: Sequence[Detections], metas: Sequence[ImageMeta]) -> None:
-        """Convert a batch of per-image detections (original image frame) into COCO results."""
+        """Store a batch of per-image detections (original image frame), masks RLE-encoded at once."""
         if len(detections) != len(metas):
             raise ValueError(f"update: {len(detections)} detections for {len(metas)} metas")
         with_masks = "segm" in self.iou_types
         for det, meta in zip(detections, metas):
             image_id = int(meta["image_id"])
-            if image_id in self._results:
-                continue  # a repeated image (sampler padding): the first copy counts
-            if with_masks and det.masks is not None and "orig_size" in meta and len(det) > 0:
-                if tuple(det.masks.shape[-2:]) != tuple(meta["orig_size"]):
+            n = len(det)
+            labels = det.labels.detach().cpu().long()
+            bad = [label for label in labels.tolist() if not 0 <= label < len(self.cat_ids)]
+            if bad:
+                raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside 0..{len(self.cat_ids) - 1}")
+            size = tuple(meta.get("orig_size", (0, 0)))
+            if with_masks and n > 0:
+                if det.masks is None:
+                    raise ValueError(f"image {image_id}: 'segm' evaluation needs Detections.masks, got None")
+                if det.masks.shape[0] != n:
+                    raise ValueError(f"image {image_id}: {det.masks.shape[0]} masks for {n} boxes")
+                if "orig_size" in meta and tuple(det.masks.shape[-2:]) != size:
                     raise ValueError(f"image {image_id}: masks are {tuple(det.masks.shape[-2:])}, "
-                                     f"expected the original size {tuple(meta['orig_size'])}")
-            self._results[image_id] = detections_to_coco(det, image_id, self.cat_ids, with_masks)
+                                     f"expected the original size {size}")
+                size = tuple(det.masks.shape[-2:])
+                counts = [rle["counts"].encode("ascii") for rle in encode_masks(det.masks)]
+                self._append("rle_lengths", torch.tensor([len(c) for c in counts]))
+                self._append("rle_bytes", torch.frombuffer(bytearray(b"".join(counts)), dtype=torch.uint8))
+            # xywh in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values
+            boxes = det.boxes.detach().cpu().double().reshape(-1, 4)
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+            self._append("image_ids", torch.tensor([image_id]))
+            self._append("image_sizes", torch.tensor([int(size[0]), int(size[1])]))
+            self._append("num_dets", torch.tensor([n]))
+            self._append("boxes", xywh.reshape(-1))
+            self._append("scores", det.scores.detach().cpu().double().reshape(-1))
+            self._append("labels", labels.reshape(-1))
+
+    def _append(self, name: str, value: torch.Tensor) -> None:
+        getattr(self, name).append(value.to(device=self.device, dtype=_STATES[name]))
+
+    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:
+        # A rank that saw no image (or no mask) would contribute torchmetrics' float32 placeholder, which
+        # would promote the int64/uint8 states in the concatenation: give it an empty tensor of the right dtype.
+        for name, dtype in _STATES.items():
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                setattr(self, name, [torch.empty(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def _state(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if isinstance(value, list):
+            value = torch.cat(value) if value else torch.empty(0, dtype=_STATES[name])
+        return value.detach().cpu().to(_STATES[name])
+
+    def per_image_results(self) -> dict[int, tuple[list[dict], list[dict]]]:
+        """The (synchronised) states as COCO results per image id, the first copy of each image only."""
+        image_ids, num_dets = self._state("image_ids").tolist(), self._state("num_dets").tolist()
+        sizes = self._state("image_sizes").view(-1, 2).tolist()
+        boxes, scores = self._state("boxes").view(-1, 4).tolist(), self._state("scores").tolist()
+        labels = self._state("labels").tolist()
+        with_masks = "segm" in self.iou_types
+        rle_lengths, rle_bytes = self._state("rle_lengths").tolist(), self._state("rle_bytes").numpy().tobytes()
+        per_image: dict[int, tuple[list[dict], list[dict]]] = {}
+        det, byte = 0, 0
+        for image_id, n, (h, w) in zip(image_ids, num_dets, sizes):
+            first, det_end = det, det + n
+            rles = []
+            if with_masks:
+                for length in rle_lengths[first:det_end]:
+                    rles.append({"size": [h, w], "counts": rle_bytes[byte:byte + length].decode("ascii")})
+                    byte += length
+            det = det_end
+            if image_id in per_image:
+                continue  # a repeated image (sampler padding): the first copy counts
+            categories = [self.cat_ids[label] for label in labels[first:det_end]]
+            bbox = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                    for c, b, s in zip(categories, boxes[first:det_end], scores[first:det_end])]
+            # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
+            # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
+            segm = [{"image_id": image_id, "category_id": c, "segmentation": r, "score": s}
+                    for c, r, s in zip(categories, rles, scores[first:det_end])]
+            per_image[image_id] = (bbox, segm)
+        return per_image
 
     # -- compute -----------------------------------------------------------------------------------------
 
-    def _gathered(self) -> dict[int, tuple[list[dict], list[dict]]]:
-        rank, world = _dist_info()
-        if world == 1:
-            return self._results
-        shards: list[Any] = [None] * world
-        dist.all_gather_object(shards, list(self._results.items()))
-        merged: dict[int, tuple[list[dict], list[dict]]] = {}
-        for shard in shards:
-            for image_id, results in shard:
-                merged.setdefault(image_id, results)
-        return merged
-
     def compute(self) -> dict[str, float]:
         """Metrics over every image seen since the last :meth:`reset` (on all ranks; a collective under DDP)."""
-        per_image = self._gathered()
+        per_image = self.per_image_results()  # torchmetrics has synchronised the states across ranks
         rank, world = _dist_info()
         outcome: tuple[str, Any] = ("ok", None)
         if rank == 0:
@@ -282,8 +348,10 @@ class CocoEvaluator:
         directory = os.path.dirname(self.outfile_prefix)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        with open(f"{self.outfile_prefix}.bbox.json", "w") as f:
-            json.dump(bbox_results, f)
+        files = [(f"{self.outfile_prefix}.bbox.json", bbox_results)]
         if "segm" in self.iou_types:
-            with open(f"{self.outfile_prefix}.segm.json", "w") as f:
-                json.dump(segm_results, f)
+            files.append((f"{self.outfile_prefix}.segm.json", segm_results))
+        for path, results in files:
+            with open(path, "w") as f:
+                json.dump(results, f)
+        self.written_files = [path for path, _ in files]

@@ -47,7 +47,7 @@ class GARPN(nn.Module):
                  approx_ratios: Sequence[float] = (0.5, 1.0, 2.0), deform_groups: int = 4,
                  anchor_stds: Sequence[float] = (0.07, 0.07, 0.14, 0.14),
                  bbox_stds: Sequence[float] = (0.07, 0.07, 0.11, 0.11), loc_filter_thr: float = 0.01,
-                 center_ratio: float = 0.2, ignore_ratio: float = 0.5, invert_loc_targets: bool = True,
+                 center_ratio: float = 0.2, ignore_ratio: float = 0.5, invert_loc_targets: bool = False,
                  pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
                  ignore_iof_thr: float = -1.0, allowed_border: int = -1,
                  sampler_num: int | None = 256, sampler_pos_fraction: float = 0.5,
