@@ -68,10 +68,10 @@ class SigtermCheckpoint(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Last in the list, so that the step's agreement also sees a signal another callback's
-        # on_train_batch_end sent (a time-budget callback, a test) in the same step.
+        # on_train_batch_end sent (a time-budget callback, a test) in the same step. A new list: Lightning is
+        # iterating the current one to call this hook, and removing from it would skip the next callback.
         if self in trainer.callbacks:
-            trainer.callbacks.remove(self)
-            trainer.callbacks.append(self)
+            trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its handlers just before this hook and restores the previous ones at teardown.
