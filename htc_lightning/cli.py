@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import (
     AtomicCheckpointIO,
@@ -27,6 +28,7 @@ from .callbacks import (
     ResumeState,
     SigtermCheckpoint,
 )
+from .callbacks.faults import SIGTERM_EXIT_CODE
 from .module import HTCModule
 
 ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
@@ -64,7 +66,9 @@ class HTCLightningCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/segm_mAP", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
                              "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
-                             "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.auto_insert_metric_name": False,
+                             # a resumed run overwrites last.ckpt instead of piling up last-v1, last-v2 ...
+                             "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(OptionalLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(SigtermCheckpoint, "sigterm")
@@ -149,8 +153,14 @@ class HTCLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``htc-lightning`` console script (also ``python cli.py``)."""
-    HTCLightningCLI(args=args)
+    """The ``htc-lightning`` console script (also ``python cli.py``).
+
+    A preempted run (SIGTERM, checkpoint written) exits with status 143, the shell's "terminated by SIGTERM",
+    so a scheduler or wrapper script does not mistake it for a finished training."""
+    try:
+        HTCLightningCLI(args=args)
+    except SIGTERMException:
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import signal
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyCocoDataModule, make_detector
+from conftest import TinyCocoDataModule, fake_cli_config, make_detector
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.trainer.states import TrainerFn
 
 from htc_lightning.callbacks import AtomicCheckpointIO, ResumeState, SigtermCheckpoint
 from htc_lightning.module import HTCModule, NonFiniteLossError
@@ -134,3 +135,37 @@ def test_cli_trainer_uses_atomic_checkpoint_io(tmp_path):
                                 "--data=conftest.TinyCocoDataModule", f"--data.root={tmp_path / 'data'}"],
                           run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_sigterm_checkpoint_moves_itself_last_without_skipping_another_callbacks_setup(tmp_path):
+    class SetupSpy(pl.Callback):
+        def __init__(self):
+            self.stages = []
+
+        def setup(self, trainer, pl_module, stage):
+            self.stages.append(stage)
+
+    sigterm, spy = SigtermCheckpoint(), SetupSpy()
+    trainer = trainer_for(tmp_path, 1, [sigterm, spy])
+    trainer.fit(HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
+    assert spy.stages == ["fit"]
+    assert trainer.callbacks[-1] is sigterm  # its per-step agreement sees what the other callbacks did
+
+
+def test_ckpt_path_last_picks_the_newest_of_last_ckpt_and_the_slurm_hpc_checkpoint(tmp_path):
+    from htc_lightning.cli import HTCLightningCLI
+
+    trainer = HTCLightningCLI(args=["--config", fake_cli_config(tmp_path)], run=False).trainer
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    for path, mtime in ((ckpt_dir / "last.ckpt", 100), (tmp_path / "run" / "hpc_ckpt_1.ckpt", 200)):
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+
+    def pick() -> str:  # what fit(ckpt_path="last") resolves to
+        return trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True,
+                                                              model_connected=True)
+
+    assert pick() == str(tmp_path / "run" / "hpc_ckpt_1.ckpt")
+    os.utime(ckpt_dir / "last.ckpt", (300, 300))
+    assert pick() == str(ckpt_dir / "last.ckpt")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -16,6 +18,9 @@ class DetectionCheckpoint(ModelCheckpoint):
     validation logs neither. Instead of failing, the monitored key falls back to the first of
     ``fallback_monitors`` that was logged (once, with a message); when none is, only ``last.ckpt`` is kept.
     Without ``dirpath``, checkpoints go to ``{default_root_dir}/checkpoints`` whatever the logger.
+    ``ckpt_path="last"`` picks the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_<n>.ckpt`` (written in
+    ``default_root_dir`` on the requeue signal), so a requeued job given ``--ckpt_path last`` continues from
+    whichever of the two was written last.
     """
 
     def __init__(self, *args, fallback_monitors: Sequence[str] = ("val/bbox_mAP", "val/AR@1000"),
@@ -30,6 +35,13 @@ class DetectionCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(str(trainer.default_root_dir), "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        found = super()._find_last_checkpoints(trainer)
+        root = Path(str(trainer.default_root_dir))
+        if root.is_dir():
+            found |= {os.path.normpath(p) for p in root.iterdir() if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)}
+        return found
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         if self.monitor is not None and self.monitor not in monitor_candidates:

@@ -15,7 +15,10 @@ epoch's count. Lightning never calls ``set_epoch`` on a custom *batch* sampler (
 ``loader.sampler`` and ``loader.batch_sampler.sampler``), so this callback does it at each epoch start.
 
 Global RNG states (torch, CUDA, numpy, random) are saved too and restored when the resumed training
-starts, so model-side randomness (RoI sampling with ``torch.randperm``) replays identically. Data
+starts, so model-side randomness (RoI sampling with ``torch.randperm``) replays identically. Under DDP
+every rank's generators have drawn differently (each samples RoIs of its own images) and Lightning keeps
+only rank 0's callback state, so the states and positions of all ranks are gathered into the checkpoint
+and each rank restores its own. Data
 augmentation should be seeded per sample (seed, epoch, index) rather than drawn from these generators,
 since worker processes and pre-fetching make their consumption order differ between runs.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
@@ -77,15 +81,25 @@ class ResumeState(Callback):
         if trainer is None or trainer.state.fn != "fit":
             return {}
         loop = trainer.fit_loop
-        return {
-            "epoch": loop.epoch_progress.current.processed,
-            # batches whose training step ran to the end in this epoch (pre-fetched ones are not counted)
-            "batches_consumed": loop.epoch_loop.batch_progress.current.processed,
-            "rng": rng_state(),
-        }
+        # batches whose training step ran to the end in this epoch (pre-fetched ones are not counted)
+        local = {"batches_consumed": loop.epoch_loop.batch_progress.current.processed, "rng": rng_state()}
+        ranks = gather_objects(local, trainer.world_size)
+        # the top-level entries are rank 0's (and what a single-process checkpoint holds)
+        return {"epoch": loop.epoch_progress.current.processed, **ranks[0], "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict) if state_dict else None
+
+    def _own(self, state: dict[str, Any], key: str) -> Any:
+        """``state[key]`` as this rank saved it (rank 0's when the checkpoint has no such rank)."""
+        ranks = state.get("ranks") or [state]
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(ranks) != world:
+            rank_zero_warn(f"the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
+                           f"every rank restores rank 0's {key!r}, so the run does not replay exactly")
+            return ranks[0][key]
+        return ranks[rank][key]
 
     # -- restore -----------------------------------------------------------------------------------------
 
@@ -113,7 +127,7 @@ class ResumeState(Callback):
         state = self._pending
         if not state or "epoch" not in state:
             return
-        consumed = int(state["batches_consumed"])
+        consumed = int(self._own(state, "batches_consumed"))
         try:
             length = len(loader)
         except TypeError:
@@ -140,4 +154,13 @@ class ResumeState(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state, self._pending = self._pending, None
         if self.restore_rng and state and "rng" in state:
-            set_rng_state(state["rng"])
+            set_rng_state(self._own(state, "rng"))
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective under DDP; ``[obj]`` on one process)."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
-from torchvision.ops import deform_conv2d
+
+from ..layers.deform_conv import deform_conv2d  # float32 under autocast
 
 
 class DeformConv2d(nn.Module):

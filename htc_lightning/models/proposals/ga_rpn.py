@@ -10,11 +10,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d, nms
+from torchvision.ops import nms
 
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
+from ..layers.deform_conv import DeformConv2d  # float32 under autocast
 from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
 from .base import anchor_targets, flatten_levels, objectness_and_delta_losses, pad_size_of
@@ -127,7 +128,8 @@ class GARPN(nn.Module):
         return self.anchor_coder.decode(squares, deltas)
 
     def loss(self, raw: GARaw, targets: list[dict], img_sizes: list[tuple[int, int]]) -> dict[str, Tensor]:
-        cls_scores, bbox_preds, shape_preds, loc_preds = raw
+        # targets from the guided anchors in float32 under fp16 autocast (mmdet's force_fp32 on this loss)
+        cls_scores, bbox_preds, shape_preds, loc_preds = ([p.float() for p in preds] for preds in raw)
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         device = cls_scores[0].device
 
