@@ -25,9 +25,11 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from htc_lightning.data.datamodule import CocoDataModule
 from htc_lightning.data.synthetic import make_synthetic_coco
@@ -76,18 +78,45 @@ def train(detector: torch.nn.Module, dm: CocoDataModule, iters: int, lr: float, 
     return history
 
 
+def centre_kept(loc_preds: list[Tensor], strides: Sequence[int], boxes: Tensor, thr: float, image: int) -> Tensor:
+    """(G,) bool: whether GA's location filter keeps, on at least one level, the location under each gt box's
+    centre (no location kept there, no anchor is placed near the centre on any level)."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    kept = torch.zeros(len(boxes), dtype=torch.bool)
+    for loc, stride in zip(loc_preds, strides):
+        h, w = loc.shape[-2:]
+        x = (cx / stride).long().clamp(0, w - 1)
+        y = (cy / stride).long().clamp(0, h - 1)
+        kept |= loc[image, 0, y, x].sigmoid() >= thr
+    return kept
+
+
 @torch.no_grad()
-def evaluate(detector: torch.nn.Module, dm: CocoDataModule) -> tuple[dict[str, float], float]:
-    """Proposal AR on the val split and the mean number of proposals per image."""
+def evaluate(detector: torch.nn.Module, dm: CocoDataModule) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Proposal AR on the val split, the mean number of proposals per image and, for GA-RPN, what its location
+    filter keeps: locations per image, and the fraction of small (< 32^2 px) / other gt boxes whose centre
+    location it keeps."""
     detector.eval()
     evaluator = CocoEvaluator(dm.val_ann_file, cat_ids=dm.cat_ids, iou_types=("proposal",))
-    counts = []
+    counts, locations, small, other = [], [], [], []
+    head = detector.rpn_head
     for images, targets in dm.val_dataloader():
         metas = [t["meta"] for t in targets]
         dets = detector.predict(images, metas)
         counts += [len(d) for d in dets]
         evaluator.update(dets, metas)
-    return evaluator.compute(), sum(counts) / max(len(counts), 1)
+        if hasattr(head, "loc_filter_thr"):
+            loc_preds = head(detector.extract_feats(images))[3]
+            for i, t in enumerate(targets):
+                locations.append(sum(int((loc[i].sigmoid() >= head.loc_filter_thr).sum()) for loc in loc_preds))
+                boxes = t["boxes"]
+                kept = centre_kept(loc_preds, head.strides, boxes, head.loc_filter_thr, i)
+                is_small = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) < 32 ** 2
+                small += kept[is_small].tolist()
+                other += kept[~is_small].tolist()
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    loc_stats = {"locations": mean(locations), "small": mean(small), "other": mean(other)}
+    return evaluator.compute(), mean(counts), loc_stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,21 +154,23 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             history = train(detector, dm, args.iters, args.lr, args.warmup, args.max_norm, args.seed)
             train_s = time.perf_counter() - start
-            metrics, per_image = evaluate(detector, dm)
+            metrics, per_image, loc = evaluate(detector, dm)
             first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
-            rows.append((name, metrics, per_image, first, last, train_s))
+            rows.append((name, metrics, per_image, loc, first, last, train_s))
             print(f"{name}: loss {first:.3f} -> {last:.3f}, AR@100 {metrics['AR@100']:.3f} "
                   f"({train_s:.0f} s training)", flush=True)
 
     header = (f"| {'variant':9s} | AR@100 | AR@300 | AR@1000 | AR_s@1000 | AR_m@1000 | AR_l@1000 | props/img "
-              f"| loss first10 -> last10 | train s |")
+              f"| loc kept/img | centres kept s / m+l | loss first10 -> last10 | train s |")
     print()
     print(header)
     print("".join(c if c == "|" else "-" for c in header))
-    for name, m, per_image, first, last, train_s in rows:
+    for name, m, per_image, loc, first, last, train_s in rows:
+        centres = f"{loc['small']:.3f} / {loc['other']:.3f}" if loc["locations"] == loc["locations"] else "-"
+        kept = f"{loc['locations']:.1f}" if loc["locations"] == loc["locations"] else "-"
         print(f"| {name:9s} | {m['AR@100']:6.3f} | {m['AR@300']:6.3f} | {m['AR@1000']:7.3f} | {m['AR_s@1000']:9.3f} "
-              f"| {m['AR_m@1000']:9.3f} | {m['AR_l@1000']:9.3f} | {per_image:9.1f} | {first:9.3f} -> {last:9.3f} "
-              f"| {train_s:7.0f} |")
+              f"| {m['AR_m@1000']:9.3f} | {m['AR_l@1000']:9.3f} | {per_image:9.1f} | {kept:>12s} | {centres:>20s} "
+              f"| {first:9.3f} -> {last:9.3f} | {train_s:7.0f} |")
     return 0
 
 

@@ -162,3 +162,29 @@ def test_eval_vs_torchmetrics_prints_both_rows_with_the_same_ap():
     (ours,), (theirs,) = table_rows(out, "ours"), table_rows(out, "torchmetrics")
     assert ours[-2:] == theirs[-2:]  # box AP and mask AP, printed to 4 decimals
     assert float(ours[-2]) > 0
+
+
+def test_proposal_ar_prints_recall_and_what_the_ga_location_filter_keeps():
+    out = run("proposal_ar.py", "--iters", "2", "--num-train", "4", "--num-val", "2", "--size", "64",
+              "--variants", "rpn", "ga", "--threads", "1")
+    (rpn,), (ga,) = table_rows(out, "rpn"), table_rows(out, "ga")
+    assert all(0.0 <= float(v) <= 1.0 for v in rpn[1:4] + ga[1:4])  # AR@100/300/1000
+    assert rpn[8] == "-" and rpn[9] == "-"  # no location filter in the plain RPN
+    assert float(ga[8]) > 0
+    assert re.fullmatch(rf"{NUMBER} / {NUMBER}", ga[9])
+
+
+def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from proposal_ar import centre_kept
+
+    thr = 0.5
+    fine, coarse = torch.full((1, 1, 8, 8), -5.0), torch.full((1, 1, 4, 4), -5.0)
+    fine[0, 0, 1, 2] = 5.0    # stride 4: the location covering x 8-12, y 4-8
+    coarse[0, 0, 3, 3] = 5.0  # stride 8: x 24-32, y 24-32
+    boxes = torch.tensor([[6.0, 2.0, 14.0, 10.0],    # centre (10, 6): kept on the fine level
+                          [20.0, 20.0, 36.0, 36.0],  # centre (28, 28): kept on the coarse level
+                          [0.0, 0.0, 4.0, 4.0]])     # centre (2, 2): kept nowhere
+    assert centre_kept([fine, coarse], (4, 8), boxes, thr, 0).tolist() == [True, True, False]
