@@ -115,7 +115,7 @@ def _measure_ours(opts: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             with autocast() if autocast else _null():
                 losses = det.loss(images, targets)
-                loss = sum(v for k, v in losses.items() if "loss" in k)
+                loss = sum(losses.values())
             if scaler:
                 scaler.scale(loss).backward()
                 scaler.step(opt)

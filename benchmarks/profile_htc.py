@@ -46,7 +46,7 @@ def make_step(det, images, targets, mode: str):
     def step():
         opt.zero_grad(set_to_none=True)
         losses = det.loss(images, targets)
-        sum(v for k, v in losses.items() if "loss" in k).backward()
+        sum(losses.values()).backward()
         opt.step()
     return step
 

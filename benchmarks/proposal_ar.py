@@ -65,7 +65,7 @@ def train(detector: torch.nn.Module, dm: CocoDataModule, iters: int, lr: float, 
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
             losses = detector.loss(images, targets)
-            total = torch.stack([v.sum() for k, v in losses.items() if "loss" in k]).sum()
+            total = torch.stack([v.sum() for v in losses.values()]).sum()
             if not math.isfinite(float(total.detach())):
                 raise RuntimeError(f"iteration {it}: non-finite loss "
                                    f"{({k: float(v.detach()) for k, v in losses.items()})}")

@@ -46,6 +46,10 @@ SEMANTIC = {"class_path": f"{PKG}.models.roi_heads.semantic_head.FusedSemanticHe
             "init_args": {"num_classes": 183}}
 
 
+def part(module: str, cls: str, **init_args) -> dict:
+    return {"class_path": f"{PKG}.{module}.{cls}", "init_args": init_args}
+
+
 def roi_head(kind: str = "htc", **extra) -> dict:
     args: dict = {}
     if kind in ("htc", "htc-without-semantic"):
@@ -53,12 +57,13 @@ def roi_head(kind: str = "htc", **extra) -> dict:
         if kind == "htc":
             args["semantic_head"] = copy.deepcopy(SEMANTIC)
     elif kind == "cascade":
-        args.update(interleaved=False, mask_info_flow=False, match_low_quality=False, score_thr=0.05,
-                    mask_merge="mean")
+        args.update(interleaved=False, mask_info_flow=False, score_thr=0.05, mask_merge="mean",
+                    assigner=part("models.layers.assigners", "MaxIoUAssigner", match_low_quality=False))
     elif kind == "mask_rcnn":
         args.update(num_stages=1, stage_loss_weights=[1.0], iou_thresholds=[0.5], target_stds=[[0.1, 0.1, 0.2, 0.2]],
-                    reg_class_agnostic=False, bbox_loss="l1", interleaved=False, mask_info_flow=False,
-                    score_thr=0.05)
+                    interleaved=False, mask_info_flow=False, score_thr=0.05,
+                    bbox_head=part("models.roi_heads.bbox_head", "Shared2FCBBoxHead", reg_class_agnostic=False,
+                                   bbox_loss="l1"))
     else:
         raise ValueError(kind)
     args.update(extra)

@@ -4,7 +4,7 @@ The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``
 *when* it is called. Every step of the recipe is a small overridable method, so a research variant
 subclasses the module and replaces one hook:
 
-- :meth:`compute_loss` (batch -> dict of loss terms), :meth:`sum_losses` (which terms count),
+- :meth:`compute_loss` (batch -> dict of loss terms; accuracies into ``metrics``), :meth:`sum_losses` (the total),
 - :meth:`check_losses` (the NaN/inf guard), :meth:`lr_factor` (warm-up and step schedule),
 - :meth:`build_evaluator` (COCO metrics of a stage), :meth:`predict_batch` (batch -> Detections).
 """
@@ -113,18 +113,19 @@ class HTCModule(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
-        """The detector's loss terms for one batch (override to add or replace a term)."""
+    def compute_loss(self, batch: Batch, metrics: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The detector's loss terms for one batch (override to add or replace a term). ``metrics``, when given,
+        receives detached values that are logged but not optimised (the RoI head's box accuracies)."""
         images, targets = batch
-        return self.detector.loss(images, targets)
+        return self.detector.loss(images, targets, metrics=metrics)
 
     @staticmethod
     def sum_losses(losses: dict[str, Tensor]) -> Tensor:
-        """The optimised total: every term whose name contains ``loss`` (accuracies are only logged)."""
-        terms = [v.sum() for k, v in losses.items() if "loss" in k]
-        if not terms:
-            raise ValueError(f"the detector returned no loss term (keys: {sorted(losses)})")
-        return torch.stack(terms).sum()
+        """The optimised total: the sum of every term (the loss dict holds losses only; accuracies and other
+        watched values travel in ``compute_loss``'s ``metrics``)."""
+        if not losses:
+            raise ValueError("the detector returned no loss term")
+        return torch.stack([v.sum() for v in losses.values()]).sum()
 
     def check_losses(self, losses: dict[str, Tensor], batch_idx: int) -> bool:
         """True when every loss term is finite; otherwise raise or (``nan_policy="skip"``) return False.
@@ -132,7 +133,7 @@ class HTCModule(pl.LightningModule):
         Under DDP the decision is shared by all ranks, so either every rank skips the step or none does
         (a rank that skips alone would leave the others waiting in the gradient all-reduce).
         """
-        names = [k for k in losses if "loss" in k]
+        names = list(losses)
         # one device sync per step: all the finiteness flags are fetched together
         finite = torch.stack([torch.isfinite(losses[k].detach()).all() for k in names]).tolist() if names else []
         bad = {k: float(losses[k].detach().float().sum()) for k, ok in zip(names, finite) if not ok}
@@ -150,7 +151,8 @@ class HTCModule(pl.LightningModule):
         return False
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        losses = self.compute_loss(batch)
+        metrics: dict[str, Tensor] = {}
+        losses = self.compute_loss(batch, metrics)
         finite = self.check_losses(losses, batch_idx)
         batch_size = len(batch[1])
         if self.nan_policy == "skip":
@@ -158,7 +160,8 @@ class HTCModule(pl.LightningModule):
         if not finite:
             return None  # Lightning skips backward and the optimiser step for this batch
         total = self.sum_losses(losses)
-        self.log_dict({f"train/{k}": v.detach().float().sum() for k, v in losses.items()}, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v.detach().float().sum() for k, v in (losses | metrics).items()},
+                      batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from htc_lightning.models.layers.samplers import RandomSampler
 from htc_lightning.tools.mmdet_parity import Report, compare_proposals, compare_raw
 
 ORACLE = Path(__file__).parent / "fixtures" / "oracle"
@@ -46,10 +47,25 @@ def assert_matches_oracle_inference(head: torch.nn.Module, dump: dict, prefix: s
     assert not rep.failed, "\n".join(rep.lines)
 
 
+def keep_all() -> dict:
+    """Samplers that keep every anchor (mmdet with a 10**7 budget): deterministic losses, as the oracle's dumps.
+    Pass as ``RPN(..., **keep_all())`` or ``GARPN(..., **keep_all_ga())``."""
+    return {"sampler": RandomSampler(None, 0.5, add_gt_as_proposals=False)}
+
+
+def keep_all_ga() -> dict:
+    return {**keep_all(), "ga_sampler": RandomSampler(None, 0.5, add_gt_as_proposals=False)}
+
+
+def assert_keeps_every_sample(head: torch.nn.Module) -> None:
+    budgets = {name: getattr(head, name).num for name in ("sampler", "ga_sampler") if hasattr(head, name)}
+    assert all(num is None for num in budgets.values()), f"build the head with keep_all(): budgets {budgets}"
+
+
 def assert_losses_match_oracle(head: torch.nn.Module, dump: dict, names: set[str]) -> None:
     """With every sample kept, the head's losses on the dump's raw outputs and boxes are mmdet's (rel 1e-4)."""
     head.train()
-    head.keep_all_samples()
+    assert_keeps_every_sample(head)
     targets = [tiny_targets(dump["boxes"].tolist(), dump["img_size"])]
     losses = head.loss(tuple(dump["raw"]), targets, [dump["img_size"]])
     assert set(losses) == names
@@ -61,7 +77,7 @@ def total_losses_over_steps(head: torch.nn.Module, feats: list[torch.Tensor], lr
                             steps: int = 10) -> list[float]:
     """Summed losses of ``steps`` SGD steps (momentum 0.9) on two boxes in a 64x64 image, every sample kept."""
     head.train()
-    head.keep_all_samples()
+    assert_keeps_every_sample(head)
     targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0], [30.0, 20.0, 60.0, 60.0]], (64, 64))]
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     totals = []

@@ -15,8 +15,14 @@ from htc_lightning.cli import HTCLightningCLI
 
 
 def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
-    head = {"in_channels": 32, "fc_out_channels": 64, "mask_conv_channels": 32, "num_mask_convs": 1,
-            "sampler_num": 64,
+    parts = "htc_lightning.models"
+    head = {"in_channels": 32,
+            "bbox_head": {"class_path": f"{parts}.roi_heads.bbox_head.Shared2FCBBoxHead",
+                          "init_args": {"fc_out_channels": 64}},
+            "mask_head": {"class_path": f"{parts}.roi_heads.mask_head.FCNMaskHead",
+                          "init_args": {"conv_channels": 32, "num_convs": 1}},
+            "sampler": {"class_path": f"{parts}.layers.samplers.RandomSampler",
+                        "init_args": {"num": 64, "pos_fraction": 0.25}},
             "semantic_head": {"class_path": "htc_lightning.models.roi_heads.semantic_head.FusedSemanticHead",
                               "init_args": {"in_channels": 32, "conv_out_channels": 32, "num_convs": 1}}}
     detector = {"class_path": "htc_lightning.models.detector.Detector", "init_args": {

@@ -8,6 +8,7 @@ from _proposal_helpers import (
     assert_losses_match_oracle,
     assert_matches_oracle_inference,
     assert_same_proposal_set,
+    keep_all_ga,
     load_oracle,
     tiny_targets,
     total_losses_over_steps,
@@ -41,7 +42,7 @@ def test_raw_outputs_and_proposals_match_mmdet(name, prefix, nms_pre, nms_post, 
 @pytest.mark.reference
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "ga_rpn_loss_htc_ga_s2.pt", weights_only=True)
-    assert_losses_match_oracle(GARPN(32, 32, invert_loc_targets=True), d,
+    assert_losses_match_oracle(GARPN(32, 32, invert_loc_targets=True, **keep_all_ga()), d,
                                {"loss_rpn_cls", "loss_rpn_bbox", "loss_anchor_shape", "loss_anchor_loc"})
 
 
@@ -117,8 +118,7 @@ def test_approx_anchors_decide_the_shape_assignment():
 
 def test_shape_loss_is_the_bounded_iou_of_guided_anchors_and_their_gts():
     torch.manual_seed(0)
-    head = GARPN(8, 8).train()
-    head.keep_all_samples()
+    head = GARPN(8, 8, **keep_all_ga()).train()
     raw = head(tiny_feats())
     targets = [tiny_targets([[10.0, 12.0, 50.0, 30.0]], (64, 64))]
     loss = head.loss(raw, targets, [(64, 64)])["loss_anchor_shape"]
@@ -203,7 +203,7 @@ def test_location_bias_starts_at_the_001_prior_in_both_target_modes(invert):
 
 def test_loss_decreases_over_a_few_steps():
     torch.manual_seed(4)
-    head = GARPN(8, 8)
+    head = GARPN(8, 8, **keep_all_ga())
     totals = total_losses_over_steps(head, tiny_feats(), lr=0.05)
     assert totals[-1] < 0.7 * totals[0]
 

@@ -1,13 +1,15 @@
 """HTC / Cascade Mask R-CNN RoI head against mmdetection 3.3.0 dumps (tests/fixtures/oracle, see
 ../shared/oracle/README.md): each box stage on the reference RoIs, the semantic head on the reference FPN
 features, and the whole test-time cascade on the reference proposals."""
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from htc_lightning.checkpoints.mmdet import convert_mmdet_state_dict
-from htc_lightning.models.roi_heads import FusedSemanticHead, HTCRoIHead
+from htc_lightning.models.layers.assigners import MaxIoUAssigner
+from htc_lightning.models.roi_heads import FCNMaskHead, FusedSemanticHead, HTCRoIHead, Shared2FCBBoxHead
 from htc_lightning.tools.compare import assert_close_to_reference, score_tolerance
 from htc_lightning.tools.mmdet_parity import Report, compare_detections
 
@@ -27,9 +29,11 @@ PREDICT_ON = {"tiny_htc_s0", "tiny_htc_s3", "tiny_cascade_s0"}
 def tiny_head(kind: str) -> HTCRoIHead:
     """The dumps' ``--tiny`` widths (32-channel FPN and heads, 64-wide fcs) and test config (score_thr 0.001)."""
     cascade = kind == "cascade"
-    return HTCRoIHead(in_channels=32, fc_out_channels=64, mask_conv_channels=32,
+    return HTCRoIHead(in_channels=32, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=64),
+                      mask_head=partial(FCNMaskHead, conv_channels=32),
                       semantic_head=FusedSemanticHead(in_channels=32, conv_out_channels=32) if kind == "htc" else None,
-                      interleaved=not cascade, mask_info_flow=not cascade, match_low_quality=not cascade,
+                      interleaved=not cascade, mask_info_flow=not cascade,
+                      assigner=partial(MaxIoUAssigner, match_low_quality=not cascade),
                       mask_merge="mean" if cascade else "last", score_thr=0.001)
 
 

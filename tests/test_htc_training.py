@@ -1,19 +1,29 @@
 """Training-side behaviour of the HTC RoI head that the inference dumps cannot show: interleaving, the mask
 information flow's gradients, loss names and weights, samplers, degenerate images."""
+from functools import partial
+
 import pytest
 import torch
 
-from htc_lightning.models.roi_heads import FusedSemanticHead, HTCRoIHead
+from htc_lightning.models.layers.assigners import MaxIoUAssigner
+from htc_lightning.models.layers.samplers import RandomSampler
+from htc_lightning.models.roi_heads import FCNMaskHead, FusedSemanticHead, HTCRoIHead, Shared2FCBBoxHead
 
 NUM_CLASSES = 3
 GT = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
 
 
+def keep_all() -> RandomSampler:
+    """Every candidate sampled (mmdet with a 10**7 budget): losses independent of the random draw."""
+    return RandomSampler(None, 0.25)
+
+
 def make_head(**kw) -> HTCRoIHead:
     torch.manual_seed(0)
     kw.setdefault("semantic_head", FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5))
-    return HTCRoIHead(num_classes=NUM_CLASSES, in_channels=8, fc_out_channels=16, mask_conv_channels=8,
-                      num_mask_convs=2, score_thr=0.0, **kw)
+    kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=8, num_convs=2))
+    return HTCRoIHead(num_classes=NUM_CLASSES, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+                      score_thr=0.0, **kw)
 
 
 def make_feats(size: int = 64, batch: int = 1) -> list[torch.Tensor]:
@@ -62,27 +72,35 @@ def as_set(boxes: torch.Tensor) -> set[tuple[float, ...]]:
     return {tuple(round(v, 3) for v in b.tolist()) for b in boxes}
 
 
-def test_loss_names_are_mmdets_and_accuracy_is_detached():
+def test_loss_dict_holds_mmdets_loss_names_only_and_accuracies_go_to_metrics():
     head = make_head()
-    losses = head.loss(make_feats(), [make_proposals()], [make_target()])
-    expected = {"loss_semantic_seg"} | {f"s{t}.{n}" for t in range(3)
-                                        for n in ("loss_cls", "loss_bbox", "loss_mask", "acc")}
-    assert set(losses) == expected
-    assert all(v.requires_grad for k, v in losses.items() if "loss" in k)
-    assert not any(v.requires_grad for k, v in losses.items() if "loss" not in k)
+    metrics: dict = {}
+    losses = head.loss(make_feats(), [make_proposals()], [make_target()], metrics=metrics)
+    assert set(losses) == {"loss_semantic_seg"} | {f"s{t}.{n}" for t in range(3)
+                                                   for n in ("loss_cls", "loss_bbox", "loss_mask")}
+    assert all(v.requires_grad for v in losses.values())
+    assert set(metrics) == {"s0.acc", "s1.acc", "s2.acc"}
+    assert not any(v.requires_grad for v in metrics.values())
+    assert all(0 <= float(v) <= 100 for v in metrics.values())
+
+
+def test_loss_without_a_metrics_dict_gives_the_same_losses():
+    feats, props, target = make_feats(), [make_proposals()], [make_target()]
+    head = make_head(sampler=keep_all())
+    a, b = head.loss(feats, props, target), head.loss(feats, props, target, metrics={})
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stage_loss_weights_scale_box_and_mask_losses():
     feats, props, target = make_feats(), [make_proposals()], [make_target()]
-    plain = make_head(stage_loss_weights=(1, 1, 1))
-    plain.keep_all_samples()
-    weighted = make_head(stage_loss_weights=(1, 0.5, 0.25))
-    weighted.keep_all_samples()
-    a, b = plain.loss(feats, props, target), weighted.loss(feats, props, target)
+    plain = make_head(stage_loss_weights=(1, 1, 1), sampler=keep_all())
+    weighted = make_head(stage_loss_weights=(1, 0.5, 0.25), sampler=keep_all())
+    ma, mb = {}, {}
+    a, b = plain.loss(feats, props, target, metrics=ma), weighted.loss(feats, props, target, metrics=mb)
     for t, w in enumerate((1, 0.5, 0.25)):
         for name in ("loss_cls", "loss_bbox", "loss_mask"):
             torch.testing.assert_close(b[f"s{t}.{name}"], a[f"s{t}.{name}"] * w)
-        torch.testing.assert_close(b[f"s{t}.acc"], a[f"s{t}.acc"])  # accuracies are not weighted
+        torch.testing.assert_close(mb[f"s{t}.acc"], ma[f"s{t}.acc"])  # accuracies are not weighted
 
 
 def test_interleaved_mask_head_trains_on_regressed_and_resampled_boxes():
@@ -107,8 +125,7 @@ def test_cascade_mask_head_trains_on_the_box_sample_positives():
 
 
 def test_refined_boxes_without_the_added_gts_are_the_next_stage_proposals():
-    head = make_head()
-    head.keep_all_samples()
+    head = make_head(sampler=keep_all())
     shift_regression(head, 0, 1.0)
     box_calls = record_rois(head, "box_stage")
     head.loss(make_feats(), [make_proposals()], [make_target()])
@@ -139,20 +156,19 @@ def test_without_information_flow_mask_heads_are_independent():
     assert head.mask_head[0].convs[0].weight.grad is None
 
 
-def test_sampler_budget_limits_the_rois_and_keep_all_samples_lifts_it():
-    head = make_head(sampler_num=3, sampler_pos_fraction=0.34)
+def test_the_sampler_budget_limits_the_rois_and_num_none_lifts_it():
+    head = make_head(sampler=RandomSampler(3, 0.34))
     box_calls = record_rois(head, "box_stage")
     head.loss(make_feats(), [make_proposals()], [make_target()])
     assert all(len(r) == 3 for _, r in box_calls)
-    head.keep_all_samples()
-    box_calls.clear()
+    head = make_head(sampler=keep_all())
+    box_calls = record_rois(head, "box_stage")
     head.loss(make_feats(), [make_proposals()], [make_target()])
     assert len(box_calls[0][1]) == 5  # 4 proposals + the gt
 
 
-def test_keep_all_samples_makes_losses_independent_of_the_seed():
-    head = make_head()
-    head.keep_all_samples()
+def test_a_sampler_keeping_every_candidate_makes_losses_independent_of_the_seed():
+    head = make_head(sampler=keep_all())
     feats, props, target = make_feats(), [make_proposals()], [make_target()]
     torch.manual_seed(1)
     a = head.loss(feats, props, target)
@@ -163,8 +179,7 @@ def test_keep_all_samples_makes_losses_independent_of_the_seed():
 
 
 def test_two_images_are_assigned_to_their_own_targets():
-    head = make_head()
-    head.keep_all_samples()
+    head = make_head(sampler=keep_all())
     feats = make_feats(batch=2)
     other = torch.tensor([[30.0, 5.0, 60.0, 30.0], [5.0, 35.0, 30.0, 60.0]])
     box_calls = record_rois(head, "box_stage")
@@ -180,7 +195,7 @@ def test_image_without_objects_gives_zero_box_and_mask_losses_with_gradients():
     for t in range(3):
         assert float(losses[f"s{t}.loss_bbox"].detach()) == 0 and float(losses[f"s{t}.loss_mask"].detach()) == 0
         assert torch.isfinite(losses[f"s{t}.loss_cls"])
-    sum(v for k, v in losses.items() if "loss" in k).backward()
+    sum(losses.values()).backward()
 
 
 def test_single_stage_head_names_losses_like_mask_rcnn():
@@ -188,7 +203,7 @@ def test_single_stage_head_names_losses_like_mask_rcnn():
                      target_stds=((0.1, 0.1, 0.2, 0.2),), interleaved=False, mask_info_flow=False,
                      semantic_head=None)
     losses = head.loss(make_feats(), [make_proposals()], [make_target()])
-    assert set(losses) == {"loss_cls", "loss_bbox", "loss_mask", "acc"}
+    assert set(losses) == {"loss_cls", "loss_bbox", "loss_mask"}
 
 
 def test_semantic_head_needs_semantic_targets():
@@ -200,7 +215,7 @@ def test_semantic_head_needs_semantic_targets():
 
 @pytest.mark.parametrize("bad", [{"stage_loss_weights": (1, 0.5)}, {"iou_thresholds": (0.5,)},
                                  {"mask_merge": "max"}, {"nms_type": "fast"}, {"semantic_fusion": ("box",)},
-                                 {"with_mask": False, "mask_info_flow": True}])
+                                 {"mask_head": None, "mask_info_flow": True}])
 def test_constructor_rejects_inconsistent_options(bad):
     with pytest.raises(ValueError):
         make_head(**bad)
@@ -208,8 +223,7 @@ def test_constructor_rejects_inconsistent_options(bad):
 
 @pytest.mark.parametrize("ignore_iof_thr, kept", [(-1.0, True), (0.5, False)])
 def test_crowd_boxes_make_candidates_ignored_only_when_ignore_iof_thr_is_set(ignore_iof_thr, kept):
-    head = make_head(ignore_iof_thr=ignore_iof_thr)
-    head.keep_all_samples()
+    head = make_head(assigner=partial(MaxIoUAssigner, ignore_iof_thr=ignore_iof_thr), sampler=keep_all())
     target = make_target()
     target["crowd_boxes"] = torch.tensor([[40.0, 40.0, 64.0, 64.0]])
     box_calls = record_rois(head, "box_stage")

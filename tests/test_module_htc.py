@@ -32,7 +32,7 @@ def test_training_step_sums_loss_terms_only_and_logs_each_term(tmp_path):
     loss, logged = rec.outputs[0]
     terms = {k: float(logged[f"train/{k}"]) for k in ("loss_feat", "loss_bbox", "loss_cls")}
     assert float(loss) == pytest.approx(sum(terms.values()), rel=1e-5)
-    assert "train/acc" in logged  # logged, but not part of the total
+    assert "train/acc" in logged  # a metric: logged, but not part of the total
     assert float(logged["train/loss"]) == pytest.approx(float(loss), rel=1e-6)
 
 
@@ -101,8 +101,8 @@ def test_box_only_detector_is_evaluated_on_boxes_only(tmp_path):
 class NoBboxLossModule(HTCModule):
     """A research variant: replaces one term through the compute_loss hook."""
 
-    def compute_loss(self, batch):
-        losses = super().compute_loss(batch)
+    def compute_loss(self, batch, metrics=None):
+        losses = super().compute_loss(batch, metrics)
         losses["loss_bbox"] = losses["loss_bbox"] * 0.0
         return losses
 

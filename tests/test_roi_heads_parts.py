@@ -1,5 +1,7 @@
 """The RoI heads' parts on tiny hand-built inputs: box targets and loss normalisation, the mask head's
 information-flow input, the semantic loss normalisation, and the test-time paths of the HTC head."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,9 @@ def test_box_regression_loss_is_divided_by_all_sampled_rois():
     # one positive with |target| = 1, 1, 0, 0: smooth-L1(beta=1) gives 0.5 + 0.5, over 4 sampled RoIs
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(1.0 / 4))
     torch.testing.assert_close(losses["loss_cls"], F.cross_entropy(cls_score, targets[0]))
+    assert set(losses) == {"loss_cls", "loss_bbox"}  # losses only: their sum is what is optimised
     expected_acc = (cls_score.argmax(1) == targets[0]).float().mean() * 100
-    torch.testing.assert_close(losses["acc"], expected_acc)
+    torch.testing.assert_close(head.accuracy(cls_score, targets[0]), expected_acc)
 
 
 def test_box_head_without_positives_has_zero_regression_loss_with_a_graph():
@@ -112,9 +115,13 @@ def test_semantic_head_outputs_at_the_fusion_level():
 
 
 # ---- HTC head at test time ----------------------------------------------------------------------------------
+BBOX16 = partial(Shared2FCBBoxHead, fc_out_channels=16)
+MASK8 = partial(FCNMaskHead, conv_channels=8, num_convs=2)
+
+
 def tiny_htc(**kw) -> HTCRoIHead:
     torch.manual_seed(0)
-    return HTCRoIHead(num_classes=3, in_channels=8, fc_out_channels=16, mask_conv_channels=8, num_mask_convs=2,
+    return HTCRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=MASK8,
                       semantic_head=FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5),
                       score_thr=0.0, **kw).eval()
 
@@ -182,7 +189,7 @@ def test_predict_without_proposals_returns_empty_detections():
 
 
 def test_box_only_head_has_no_mask_modules_and_predicts_no_masks():
-    head = HTCRoIHead(num_classes=3, in_channels=8, fc_out_channels=16, with_mask=False, mask_info_flow=False,
+    head = HTCRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=None, mask_info_flow=False,
                       interleaved=False, score_thr=0.0).eval()
     assert not hasattr(head, "mask_head")
     meta = {"orig_size": (64, 64), "img_size": (64, 64), "scale_factor": (1.0, 1.0)}
@@ -229,9 +236,9 @@ def test_class_specific_regress_uses_the_given_labels():
 
 def test_mask_rcnn_configuration_predicts_with_per_class_boxes():
     torch.manual_seed(0)
-    head = HTCRoIHead(num_classes=3, in_channels=8, fc_out_channels=16, mask_conv_channels=8, num_mask_convs=2,
-                      num_stages=1, stage_loss_weights=(1,), iou_thresholds=(0.5,), target_stds=((.1, .1, .2, .2),),
-                      interleaved=False, mask_info_flow=False, reg_class_agnostic=False, score_thr=0.0).eval()
+    head = HTCRoIHead(num_classes=3, in_channels=8, bbox_head=partial(BBOX16, reg_class_agnostic=False),
+                      mask_head=MASK8, num_stages=1, stage_loss_weights=(1,), iou_thresholds=(0.5,),
+                      target_stds=((.1, .1, .2, .2),), interleaved=False, mask_info_flow=False, score_thr=0.0).eval()
     meta = {"orig_size": (64, 64), "img_size": (64, 64), "scale_factor": (1.0, 1.0)}
     with torch.no_grad():
         det = head.predict(feats64(), [PROPOSALS], [meta])[0]

@@ -7,6 +7,7 @@ from _proposal_helpers import (
     assert_losses_match_oracle,
     assert_matches_oracle_inference,
     assert_same_proposal_set,
+    keep_all,
     load_oracle,
     tiny_targets,
     total_losses_over_steps,
@@ -30,7 +31,7 @@ def test_raw_outputs_and_proposals_match_mmdet(name, device):
 @pytest.mark.reference
 def test_training_losses_match_mmdet_with_all_samples_kept():
     d = torch.load(FIXTURES / "rpn_loss_htc_s1.pt", weights_only=True)
-    assert_losses_match_oracle(RPN(32, 32), d, {"loss_rpn_cls", "loss_rpn_bbox"})
+    assert_losses_match_oracle(RPN(32, 32, **keep_all()), d, {"loss_rpn_cls", "loss_rpn_bbox"})
 
 
 @pytest.mark.reference
@@ -82,13 +83,12 @@ def test_batch_gives_each_image_its_own_proposals():
         torch.testing.assert_close(batched[i], alone)
 
 
-def test_keep_all_samples_makes_the_loss_deterministic():
+def test_a_sampler_keeping_every_anchor_makes_the_loss_deterministic():
     torch.manual_seed(2)
-    head = RPN(8, 8).train()
+    head = RPN(8, 8, **keep_all()).train()
     feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
     raw = head(feats)
     targets = [tiny_targets([[8.0, 8.0, 40.0, 36.0], [30.0, 20.0, 60.0, 60.0]], (64, 64))]
-    head.keep_all_samples()
     first = head.loss(raw, targets, [(64, 64)])
     second = head.loss(raw, targets, [(64, 64)])
     for key in first:
@@ -97,7 +97,7 @@ def test_keep_all_samples_makes_the_loss_deterministic():
 
 def test_loss_decreases_over_a_few_steps():
     torch.manual_seed(3)
-    head = RPN(8, 8)
+    head = RPN(8, 8, **keep_all())
     feats = [torch.randn(1, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]
     totals = total_losses_over_steps(head, feats, lr=0.5)
     assert totals[-1] < 0.5 * totals[0]

@@ -62,7 +62,7 @@ def train(detector: torch.nn.Module, batches: list, iters: int, lr: float = 0.02
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, 0.1 + 0.9 * it / warmup)
         images, targets = batches[it % len(batches)]
-        losses = {k: v for k, v in detector.loss(images, targets).items() if "loss" in k}
+        losses = detector.loss(images, targets)
         total = torch.stack([v.sum() for v in losses.values()]).sum()
         for name, value in [*losses.items(), ("total", total)]:
             history.setdefault(name, []).append(float(value.detach()))

@@ -2,6 +2,7 @@
 merging, equality with plain inference for the identity view, mirror consistency, Soft-NMS, module wiring."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from htc_lightning.models.detector import Detector
 from htc_lightning.models.layers.nms import multiclass_nms
 from htc_lightning.models.necks.fpn import FPN
 from htc_lightning.models.proposals.rpn import RPN
+from htc_lightning.models.roi_heads import FCNMaskHead, Shared2FCBBoxHead
 from htc_lightning.models.roi_heads.htc import HTCRoIHead
 from htc_lightning.models.roi_heads.semantic_head import FusedSemanticHead
 from htc_lightning.module import HTCModule
@@ -44,8 +46,10 @@ def tiny_detector(with_semantic: bool = True, roi_head: bool = True, num_classes
     if roi_head:
         semantic = FusedSemanticHead(in_channels=16, conv_out_channels=16, num_classes=5) if with_semantic else None
         head_kw.setdefault("score_thr", 0.05)
-        head = HTCRoIHead(num_classes=num_classes, in_channels=16, fc_out_channels=32, mask_conv_channels=16,
-                          num_mask_convs=2, semantic_head=semantic, semantic_fusion=("bbox", "mask"), **head_kw)
+        head_kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=16, num_convs=2))
+        head = HTCRoIHead(num_classes=num_classes, in_channels=16,
+                          bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=32), semantic_head=semantic,
+                          semantic_fusion=("bbox", "mask"), **head_kw)
     rpn = RPN(in_channels=16, feat_channels=16, test_nms_pre=200, test_max_per_img=50)
     return Detector(backbone, FPN(out_channels=16, num_outs=5), rpn, head).eval()
 
@@ -164,7 +168,7 @@ def test_a_single_view_keeps_its_proposals_untouched():
 
 
 # ---- whole detector ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, {"with_semantic": False, "mask_merge": "last"}, {"with_mask": False,
+@pytest.mark.parametrize("kw", [{}, {"with_semantic": False, "mask_merge": "last"}, {"mask_head": None,
                                                                                        "mask_info_flow": False}])
 def test_one_view_at_the_test_scale_without_flip_is_plain_inference_exactly(kw):
     detector = tiny_detector(**kw)
@@ -233,7 +237,7 @@ def test_soft_nms_of_the_roi_head_is_used_under_tta():
 
 
 def test_soft_nms_under_tta_equals_soft_nms_on_the_merged_boxes():
-    detector = tiny_detector(nms_type="soft_nms_gaussian", nms_iou=0.3, with_mask=False, mask_info_flow=False)
+    detector = tiny_detector(nms_type="soft_nms_gaussian", nms_iou=0.3, mask_head=None, mask_info_flow=False)
     tta = TestTimeAugmentation(scales=[(96, 64)], flip=True)
     images = image()[None]
     dets = tta.predict(detector, images, [META])[0]

@@ -12,18 +12,19 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..structures import Detections, ImageMeta
+from .proposals.base import ProposalGenerator
 
 
 class Detector(nn.Module):
     """Args:
         backbone: returns a list of feature maps and exposes ``out_channels``/``strides``.
         neck: the FPN.
-        rpn_head: a proposal generator (``RPNHead`` or ``GARPNHead``).
+        rpn_head: a :class:`ProposalGenerator` (``RPN`` or ``GARPN``).
         roi_head: the second stage; ``None`` makes a proposal-only model (e.g. GA-RPN alone), whose
             ``predict`` returns the proposals as class-0 detections.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, rpn_head: nn.Module,
+    def __init__(self, backbone: nn.Module, neck: nn.Module, rpn_head: ProposalGenerator,
                  roi_head: nn.Module | None = None) -> None:
         super().__init__()
         if hasattr(neck, "bind"):
@@ -56,8 +57,10 @@ class Detector(nn.Module):
         """The FPN features (what a ``torch.compile`` or a feature probe wants)."""
         return self.extract_feats(images)
 
-    def loss(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        """Training losses; keys containing ``loss`` are to be summed, others (accuracies) logged."""
+    def loss(self, images: Tensor, targets: list[dict], metrics: dict[str, Tensor] | None = None
+             ) -> dict[str, Tensor]:
+        """Training losses, all of them to be summed; ``metrics``, when given, receives the detached values that
+        are watched but not optimised (the RoI head's box accuracies ``s{t}.acc``)."""
         feats = self.extract_feats(images)
         img_sizes = [tuple(t["meta"]["img_size"]) for t in targets]
         with record_function("rpn_head"):
@@ -69,7 +72,7 @@ class Detector(nn.Module):
             with torch.no_grad(), record_function("rpn_proposals"):
                 proposals = self.rpn_head.proposals(raw, img_sizes)
             with record_function("roi_head"):
-                losses.update(self.roi_head.loss(feats, proposals, targets))
+                losses.update(self.roi_head.loss(feats, proposals, targets, metrics=metrics))
         return losses
 
     @torch.no_grad()
@@ -84,12 +87,6 @@ class Detector(nn.Module):
             return [proposals_to_detections(p, m) for p, m in zip(proposals, metas)]
         with record_function("roi_head"):
             return self.roi_head.predict(feats, proposals, metas)
-
-    def keep_all_samples(self) -> None:
-        """Every sampler keeps all its candidates (loss parity with mmdet's ``num=10**7`` dumps)."""
-        self.rpn_head.keep_all_samples()
-        if self.roi_head is not None:
-            self.roi_head.keep_all_samples()
 
     def convert_checkpoint_keys(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Let a backbone whose module tree differs from mmdet's rename its ``backbone.*`` keys."""

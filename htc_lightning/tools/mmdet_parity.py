@@ -208,7 +208,14 @@ def compare_detections(dets, ref: dict, rep: Report, roi_head=None, prefix: str 
 def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") -> None:
     """Scalar losses, each within ``LOSS_RTOL`` of mmdet's: a sum over thousands of terms rounds differently
     per machine by ~1e-6 relative; 1e-4 also absorbs an IoU assignment flipped at its threshold."""
-    det.keep_all_samples()
+    parts = (("rpn_head", det.rpn_head), ("roi_head", det.roi_head))
+    budgets = {f"{part}.{name}": sampler.num for part, module in parts
+               for name in ("sampler", "ga_sampler") if (sampler := getattr(module, name, None)) is not None}
+    limited = {k: v for k, v in budgets.items() if v is not None}
+    if limited:
+        # mmdet's loss dumps keep every candidate (num=10**7); a random subset would make the losses differ
+        raise ValueError(f"loss parity needs samplers that keep every candidate; {limited} have a budget: set "
+                         "their init_args num: null in the config (as configs/parity/*.yaml do)")
     det.train()
     inputs = dump["inputs"].float().to(device)
     h, w = inputs.shape[-2:]
@@ -224,8 +231,6 @@ def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") 
     ref = dump["losses"]
     used: set[str] = set()
     for name, value in sorted(losses.items()):
-        if "loss" not in name:
-            continue
         ref_name = next((n for n in LOSS_NAMES.get(name, (name,)) if n in ref), None)
         if ref_name is None:
             rep.check(f"loss {name}", False, f"ours {float(value):.6f}, no mmdet counterpart")

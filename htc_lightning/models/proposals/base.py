@@ -24,8 +24,6 @@ class ProposalGenerator(Protocol):
 
     def proposals(self, raw: Any, img_sizes: list[tuple[int, int]]) -> list[Tensor]: ...
 
-    def keep_all_samples(self) -> None: ...
-
 
 @dataclass
 class AnchorTargets:

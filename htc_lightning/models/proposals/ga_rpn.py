@@ -41,18 +41,29 @@ class FeatureAdaption(nn.Module):
 
 class GARPN(nn.Module):
     """``forward(feats) -> (cls_scores, bbox_preds, shape_preds, loc_preds)``, each a list over levels of
-    (B, 1, H, W), (B, 4, H, W), (B, 2, H, W), (B, 1, H, W) (mmdet's order)."""
+    (B, 1, H, W), (B, 4, H, W), (B, 2, H, W), (B, 1, H, W) (mmdet's order).
+
+    Args (mmdet's ``ga-rpn_r50_fpn_1x_coco`` names and defaults):
+        strides, octave_base_scale, scales_per_octave, approx_ratios: the approx anchors (9 per location) that
+            score a shape and the squares (one per location) that the predicted shape scales; the location
+            targets use the same strides and base scale.
+        assigner, sampler: the guided anchors' objectness targets (``MaxIoUAssigner(0.7, 0.3, 0.3)``,
+            ``RandomSampler(256, 0.5)``).
+        ga_assigner, ga_sampler: the shape targets over the approx anchors (``ApproxMaxIoUAssigner(0.7, 0.3,
+            0.3)``, ``RandomSampler(256, 0.5)``).
+        anchor_coder: squares -> guided anchors (stds 0.07/0.14, no ratio clip); box_coder: guided anchors ->
+            proposals (stds 0.07/0.11).
+        invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; HTC_GA_NOTES.md).
+    """
 
     def __init__(self, in_channels: int = 256, feat_channels: int = 256,
                  strides: Sequence[int] = (4, 8, 16, 32, 64), octave_base_scale: int = 8, scales_per_octave: int = 3,
                  approx_ratios: Sequence[float] = (0.5, 1.0, 2.0), deform_groups: int = 4,
-                 anchor_stds: Sequence[float] = (0.07, 0.07, 0.14, 0.14),
-                 bbox_stds: Sequence[float] = (0.07, 0.07, 0.11, 0.11), loc_filter_thr: float = 0.01,
-                 center_ratio: float = 0.2, ignore_ratio: float = 0.5, invert_loc_targets: bool = False,
-                 pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
-                 ignore_iof_thr: float = -1.0, allowed_border: int = -1,
-                 sampler_num: int | None = 256, sampler_pos_fraction: float = 0.5,
-                 ga_sampler_num: int | None = 256, ga_sampler_pos_fraction: float = 0.5,
+                 assigner: MaxIoUAssigner | None = None, sampler: RandomSampler | None = None,
+                 ga_assigner: ApproxMaxIoUAssigner | None = None, ga_sampler: RandomSampler | None = None,
+                 anchor_coder: BoxCoder | None = None, box_coder: BoxCoder | None = None,
+                 loc_filter_thr: float = 0.01, center_ratio: float = 0.2, ignore_ratio: float = 0.5,
+                 invert_loc_targets: bool = False, allowed_border: int = -1,
                  loss_loc_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  loss_shape_weight: float = 1.0, bounded_iou_beta: float = 0.2,
                  loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0,
@@ -79,16 +90,16 @@ class GARPN(nn.Module):
         nn.init.constant_(self.conv_loc.bias, -math.log((1 - 0.01) / 0.01))  # location prior 0.01
 
         # guided anchors come from squares through the anchor coder without a ratio clip (mmdet: 1e-6)
-        self.anchor_coder = BoxCoder((0.0,) * 4, anchor_stds, wh_ratio_clip=1e-6)
-        self.box_coder = BoxCoder((0.0,) * 4, bbox_stds)
+        self.anchor_coder = anchor_coder if anchor_coder is not None else BoxCoder(
+            (0.0,) * 4, (0.07, 0.07, 0.14, 0.14), wh_ratio_clip=1e-6)
+        self.box_coder = box_coder if box_coder is not None else BoxCoder((0.0,) * 4, (0.07, 0.07, 0.11, 0.11))
         self.loc_filter_thr = loc_filter_thr
         self.center_ratio, self.ignore_ratio = center_ratio, ignore_ratio
         self.invert_loc_targets = invert_loc_targets
-        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, ignore_iof_thr=ignore_iof_thr)
-        self.ga_assigner = ApproxMaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, ignore_iof_thr=ignore_iof_thr)
-        self.sampler_pos_fraction, self.ga_sampler_pos_fraction = sampler_pos_fraction, ga_sampler_pos_fraction
-        self.sampler = RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=False)
-        self.ga_sampler = RandomSampler(ga_sampler_num, ga_sampler_pos_fraction, add_gt_as_proposals=False)
+        self.assigner = assigner if assigner is not None else MaxIoUAssigner(0.7, 0.3, 0.3)
+        self.ga_assigner = ga_assigner if ga_assigner is not None else ApproxMaxIoUAssigner(0.7, 0.3, 0.3)
+        self.sampler = sampler if sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
+        self.ga_sampler = ga_sampler if ga_sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
         self.allowed_border = allowed_border
         self.loss_loc_weight, self.focal_alpha, self.focal_gamma = loss_loc_weight, focal_alpha, focal_gamma
         self.loss_shape_weight, self.bounded_iou_beta = loss_shape_weight, bounded_iou_beta
@@ -99,11 +110,6 @@ class GARPN(nn.Module):
         self.test_nms_pre, self.test_nms_post, self.test_max_per_img = test_nms_pre, test_nms_post, test_max_per_img
         self.nms_iou = nms_iou
         self.min_bbox_size = min_bbox_size
-
-    def keep_all_samples(self) -> None:
-        """Keep every positive and negative in both samplers (deterministic losses for parity checks)."""
-        self.sampler = RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=False)
-        self.ga_sampler = RandomSampler(None, self.ga_sampler_pos_fraction, add_gt_as_proposals=False)
 
     def forward(self, feats: list[Tensor]) -> GARaw:
         cls_scores, bbox_preds, shape_preds, loc_preds = [], [], [], []

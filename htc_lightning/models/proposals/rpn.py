@@ -1,6 +1,5 @@
 """Region Proposal Network (Ren et al. 2015) with mmdetection 3.3.0's ``RPNHead`` behaviour and
 parameter names (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), defaults from the HTC / Cascade configs."""
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -19,27 +18,31 @@ class RPN(nn.Module):
     """3x3 conv + ReLU shared over levels, then per-anchor objectness (sigmoid) and box deltas.
 
     ``forward(feats) -> (cls_scores, bbox_preds)``, lists over levels of (B, A, H, W) and (B, 4A, H, W).
+
+    Args (mmdet's names and defaults, from the HTC / Cascade configs):
+        anchor_generator: default 3 ratios (0.5, 1, 2) of scale 8 on strides 4-64.
+        assigner: default ``MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3)``.
+        sampler: default ``RandomSampler(256, 0.5)`` without gt boxes as proposals (``num: null`` keeps every
+            positive and negative anchor, as mmdet with a huge budget).
+        box_coder: the delta coder, default ``BoxCoder()`` (means 0, stds 1).
+        bbox_loss: "smooth_l1" (beta ``smooth_l1_beta``, HTC/Cascade) or "l1" (Mask R-CNN).
     """
 
     def __init__(self, in_channels: int = 256, feat_channels: int = 256,
-                 strides: Sequence[int] = (4, 8, 16, 32, 64), anchor_scales: Sequence[float] = (8,),
-                 anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                 target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                 target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
-                 match_low_quality: bool = True, ignore_iof_thr: float = -1.0, allowed_border: int = 0,
-                 sampler_num: int | None = 256, sampler_pos_fraction: float = 0.5,
+                 anchor_generator: AnchorGenerator | None = None, assigner: MaxIoUAssigner | None = None,
+                 sampler: RandomSampler | None = None, box_coder: BoxCoder | None = None, allowed_border: int = 0,
                  loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0 / 9.0,
+                 bbox_loss: Literal["smooth_l1", "l1"] = "smooth_l1",
                  train_nms_pre: int = 2000, train_max_per_img: int = 2000,
                  test_nms_pre: int = 1000, test_max_per_img: int = 1000,
-                 nms_iou: float = 0.7, min_bbox_size: float = 0.0,
-                 bbox_loss: Literal["smooth_l1", "l1"] = "smooth_l1") -> None:
+                 nms_iou: float = 0.7, min_bbox_size: float = 0.0) -> None:
         super().__init__()
         if bbox_loss not in ("smooth_l1", "l1"):
             raise ValueError(f"RPN: bbox_loss {bbox_loss!r} is not 'smooth_l1' (HTC/Cascade) or 'l1' (Mask R-CNN)")
         self.bbox_loss = bbox_loss
-        self.strides = tuple(strides)
-        self.anchor_generator = AnchorGenerator(strides, anchor_ratios, scales=anchor_scales)
+        if anchor_generator is None:
+            anchor_generator = AnchorGenerator((4, 8, 16, 32, 64), (0.5, 1.0, 2.0), scales=(8,))
+        self.anchor_generator = anchor_generator
         self.num_anchors = self.anchor_generator.num_base_anchors
         self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
@@ -48,11 +51,9 @@ class RPN(nn.Module):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
 
-        self.box_coder = BoxCoder(target_means, target_stds)
-        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=match_low_quality,
-                                       ignore_iof_thr=ignore_iof_thr)
-        self.sampler_pos_fraction = sampler_pos_fraction
-        self.sampler = RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=False)
+        self.box_coder = box_coder if box_coder is not None else BoxCoder()
+        self.assigner = assigner if assigner is not None else MaxIoUAssigner(0.7, 0.3, 0.3)
+        self.sampler = sampler if sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
         self.allowed_border = allowed_border
         self.loss_cls_weight = loss_cls_weight
         self.loss_bbox_weight = loss_bbox_weight
@@ -61,10 +62,6 @@ class RPN(nn.Module):
         self.test_nms_pre, self.test_max_per_img = test_nms_pre, test_max_per_img
         self.nms_iou = nms_iou
         self.min_bbox_size = min_bbox_size
-
-    def keep_all_samples(self) -> None:
-        """Keep every positive and negative anchor (deterministic losses, mmdet with a huge sampler budget)."""
-        self.sampler = RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=False)
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         cls_scores, bbox_preds = [], []

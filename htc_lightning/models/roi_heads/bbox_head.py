@@ -87,10 +87,10 @@ class Shared2FCBBoxHead(nn.Module):
     def loss(self, cls_score: Tensor, bbox_pred: Tensor, labels: Tensor, label_weights: Tensor,
              bbox_targets: Tensor, bbox_weights: Tensor) -> dict[str, Tensor]:
         """mmdet ``BBoxHead.loss``: CE averaged over the RoIs with a positive label weight; SmoothL1 on the
-        positives summed and divided by the number of ALL sampled RoIs; ``acc`` (top-1, percent) detached."""
+        positives summed and divided by the number of ALL sampled RoIs. Losses only (see ``accuracy``)."""
         if cls_score.numel() == 0:
             zero = cls_score.sum() * 0 + bbox_pred.sum() * 0
-            return {"loss_cls": zero, "loss_bbox": zero, "acc": zero.detach()}
+            return {"loss_cls": zero, "loss_bbox": zero}
         # normalisers stay on the device: a float() here would make the host wait for the forward pass
         avg = (label_weights > 0).sum().clamp(min=1).float()
         loss_cls = cross_entropy(cls_score, labels, weight=label_weights, avg_factor=avg)
@@ -108,10 +108,15 @@ class Shared2FCBBoxHead(nn.Module):
         else:
             loss_bbox = smooth_l1_loss(pred, bbox_targets, beta=self.smooth_l1_beta, weight=bbox_weights * pos,
                                        avg_factor=avg)
-        # mmdet's accuracy(): correct count times 100 / N (not a mean), which rounds the same way
-        acc = (cls_score.detach().argmax(1) == labels).float().sum() * (100.0 / labels.numel())
-        return {"loss_cls": self.loss_cls_weight * loss_cls, "loss_bbox": self.loss_bbox_weight * loss_bbox,
-                "acc": acc}
+        return {"loss_cls": self.loss_cls_weight * loss_cls, "loss_bbox": self.loss_bbox_weight * loss_bbox}
+
+    @staticmethod
+    def accuracy(cls_score: Tensor, labels: Tensor) -> Tensor:
+        """Top-1 classification accuracy of the sampled RoIs in percent, detached (mmdet's ``acc``: the correct
+        count times 100 / N, not a mean, which rounds the same way); 0 without RoIs."""
+        if labels.numel() == 0:
+            return cls_score.new_zeros(()).detach()
+        return (cls_score.detach().argmax(1) == labels).float().sum() * (100.0 / labels.numel())
 
     def regress(self, rois: Tensor, bbox_pred: Tensor, img_sizes: Sequence[tuple[int, int]],
                 labels: Tensor | None = None) -> Tensor:

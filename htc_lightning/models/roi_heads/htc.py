@@ -8,7 +8,7 @@
 
 Submodule names follow mmdet's ``HybridTaskCascadeRoIHead`` so that its checkpoints load key for key.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -35,25 +35,42 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     return torch.cat(rois) if rois else torch.zeros(0, 5)
 
 
+# The parts a researcher swaps, as factories: the RoI head calls them once per stage with what only it knows
+# (the class count, the input width, the stage's settings), so YAML gives a ``class_path`` and the head's own
+# ``init_args`` and never repeats the data's class count (jsonargparse binds the remaining arguments).
+BBoxHeadFactory = Callable[[int, int], Shared2FCBBoxHead]
+"""``(num_classes, in_channels, *, roi_feat_size, target_stds) -> box head`` of one stage."""
+MaskHeadFactory = Callable[[int, int], FCNMaskHead]
+"""``(num_classes, in_channels, *, with_conv_res) -> mask head`` of one stage."""
+AssignerFactory = Callable[[float, float], MaxIoUAssigner]
+"""``(pos_iou_thr, neg_iou_thr, *, min_pos_iou) -> assigner`` of one stage (all three are the stage's IoU)."""
+
+
 class HTCRoIHead(nn.Module):
     """Args (mmdet's names and defaults; ``htc_r50_fpn_1x_coco`` sets ``score_thr=0.001``):
         num_stages, stage_loss_weights, iou_thresholds, target_stds: one entry per cascade stage (assigner
             IoU for pos = neg = min_pos, box-delta stds, weight on that stage's box and mask losses).
+        bbox_head: builds each stage's box head (default ``Shared2FCBBoxHead``; its ``init_args`` set the fc
+            width, loss weights, ``reg_class_agnostic``, ``bbox_loss``); called with the stage's ``target_stds``
+            and the box RoI extractor's ``roi_feat_size``.
+        mask_head: builds each stage's mask head (default ``FCNMaskHead``), called with
+            ``with_conv_res = mask_info_flow and stage > 0``; ``None`` makes a box-only cascade.
+        semantic_head: the fused semantic branch (HTC Sec. 3.3); its feature, RoIAligned at ``semantic_stride``,
+            is added to the box (avg-pooled to the box RoI size) and/or mask RoI features per ``semantic_fusion``.
+        bbox_roi_extractor, mask_roi_extractor: RoIAlign over the FPN levels; default 7x7 and 14x14 on strides
+            4-32 (mmdet's ``SingleRoIExtractor``).
+        assigner: builds each stage's assigner with the stage's IoU threshold (default ``MaxIoUAssigner``; set
+            ``match_low_quality``/``ignore_iof_thr`` in its ``init_args``). mmdet's HTC configs leave
+            ``match_low_quality`` True, its Cascade Mask R-CNN configs set False; ``ignore_iof_thr`` -1 (mmdet's
+            R-CNN configs) does not use crowd boxes in the second stage.
+        sampler: the RoI sampler of every stage; default ``RandomSampler(512, 0.25)`` with the gt boxes added
+            as proposals (``num: null`` keeps every candidate, as mmdet with a 10**7 budget).
         interleaved: train stage t's mask head on the boxes regressed by box head t, re-assigned and re-sampled
             (HTC Sec. 3.1); otherwise on the positives of the box sample (Cascade Mask R-CNN).
         mask_info_flow: feed mask head t-1's last conv feature into mask head t (HTC Sec. 3.2).
-        semantic_head: the fused semantic branch (HTC Sec. 3.3); its feature, RoIAligned at ``semantic_stride``,
-            is added to the box (avg-pooled to ``roi_feat_size``) and/or mask RoI features per ``semantic_fusion``.
         mask_merge: test-time mask of the cascade: "mean" of the stages' sigmoid maps (mmdet 2.x, the published
             HTC AP; also what mmdet 3.3.0's Cascade Mask R-CNN does) or "last" stage only (mmdet 3.3.0's HTC).
-        match_low_quality: mmdet's HTC configs leave the MaxIoUAssigner default (True); the Cascade Mask R-CNN
-            configs set False. With min_pos_iou = pos_iou_thr it only re-assigns a box to the gt it fits best.
-        ignore_iof_thr: crowd boxes make candidates whose IoF with them exceeds it "ignore"; -1 (mmdet's
-            R-CNN configs) does not use crowd boxes in the second stage.
         nms_type: "nms", "soft_nms_linear" or "soft_nms_gaussian" (the COCO 2018 entry used Soft-NMS).
-        reg_class_agnostic: one box regression for all classes (every cascade config); False gives Mask
-            R-CNN's per-class regressor (``num_stages=1``, interleaved and mask_info_flow off).
-        bbox_loss: "smooth_l1" (beta 1, the HTC/Cascade configs) or "l1" (mmdet's Mask R-CNN config).
     """
 
     def __init__(self, num_classes: int = 80, in_channels: int = 256, num_stages: int = 3,
@@ -61,25 +78,25 @@ class HTCRoIHead(nn.Module):
                  iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
                  target_stds: Sequence[Sequence[float]] = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                                           (0.033, 0.033, 0.067, 0.067)),
-                 featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_feat_size: int = 7,
-                 fc_out_channels: int = 1024, with_mask: bool = True, mask_roi_size: int = 14,
-                 mask_conv_channels: int = 256, num_mask_convs: int = 4, mask_size: int = 28,
+                 bbox_head: BBoxHeadFactory = Shared2FCBBoxHead,
+                 mask_head: MaskHeadFactory | None = FCNMaskHead,
+                 semantic_head: FusedSemanticHead | None = None,
+                 bbox_roi_extractor: MultiLevelRoIAlign | None = None,
+                 mask_roi_extractor: MultiLevelRoIAlign | None = None,
+                 assigner: AssignerFactory = MaxIoUAssigner, sampler: RandomSampler | None = None,
                  interleaved: bool = True, mask_info_flow: bool = True,
-                 semantic_head: FusedSemanticHead | None = None, semantic_fusion: tuple[str, ...] = ("bbox", "mask"),
-                 semantic_stride: int = 8, mask_merge: Literal["mean", "last"] = "mean",
-                 sampler_num: int = 512, sampler_pos_fraction: float = 0.25, match_low_quality: bool = True,
-                 ignore_iof_thr: float = -1.0, score_thr: float = 0.05, nms_iou: float = 0.5,
-                 max_per_img: int = 100, mask_thr: float = 0.5, nms_type: str = "nms", soft_nms_sigma: float = 0.5,
-                 soft_nms_min_score: float = 1e-3, loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0,
-                 loss_mask_weight: float = 1.0, reg_class_agnostic: bool = True,
-                 bbox_loss: Literal["smooth_l1", "l1"] = "smooth_l1") -> None:
+                 semantic_fusion: tuple[str, ...] = ("bbox", "mask"), semantic_stride: int = 8,
+                 mask_merge: Literal["mean", "last"] = "mean",
+                 score_thr: float = 0.05, nms_iou: float = 0.5, max_per_img: int = 100, mask_thr: float = 0.5,
+                 nms_type: str = "nms", soft_nms_sigma: float = 0.5, soft_nms_min_score: float = 1e-3) -> None:
         super().__init__()
         for name, seq in (("stage_loss_weights", stage_loss_weights), ("iou_thresholds", iou_thresholds),
                           ("target_stds", target_stds)):
             if len(seq) != num_stages:
                 raise ValueError(f"HTCRoIHead: {name} has {len(seq)} entries for num_stages={num_stages}")
+        with_mask = mask_head is not None
         if mask_info_flow and not with_mask:
-            raise ValueError("HTCRoIHead: mask_info_flow=True needs with_mask=True")
+            raise ValueError("HTCRoIHead: mask_info_flow=True needs a mask_head")
         if mask_merge not in ("mean", "last"):
             raise ValueError(f"HTCRoIHead: mask_merge {mask_merge!r} is not 'mean' or 'last'")
         if nms_type not in _NMS_TYPES:
@@ -99,36 +116,36 @@ class HTCRoIHead(nn.Module):
         self.score_thr, self.nms_iou, self.max_per_img = score_thr, nms_iou, max_per_img
         self.mask_thr, self.nms_type = mask_thr, nms_type
         self.soft_nms_sigma, self.soft_nms_min_score = soft_nms_sigma, soft_nms_min_score
-        self.sampler_pos_fraction = sampler_pos_fraction
 
-        self.bbox_roi_extractor = MultiLevelRoIAlign(roi_feat_size, featmap_strides)
-        self.bbox_head = nn.ModuleList(
-            Shared2FCBBoxHead(num_classes, in_channels, roi_feat_size, fc_out_channels, target_stds=stds,
-                              loss_cls_weight=loss_cls_weight, loss_bbox_weight=loss_bbox_weight,
-                              reg_class_agnostic=reg_class_agnostic, bbox_loss=bbox_loss)
-            for stds in target_stds)
+        if bbox_roi_extractor is None:
+            bbox_roi_extractor = MultiLevelRoIAlign(7, (4, 8, 16, 32))
+        self.bbox_roi_extractor = bbox_roi_extractor
+        roi_feat_size = self.bbox_roi_extractor.output_size
+        self.bbox_head = nn.ModuleList(bbox_head(num_classes, in_channels, roi_feat_size=roi_feat_size,
+                                                 target_stds=tuple(stds)) for stds in target_stds)
+        self._check_num_classes("bbox_head", self.bbox_head)
         if with_mask:
-            self.mask_roi_extractor = MultiLevelRoIAlign(mask_roi_size, featmap_strides)
+            if mask_roi_extractor is None:
+                mask_roi_extractor = MultiLevelRoIAlign(14, (4, 8, 16, 32))
+            self.mask_roi_extractor = mask_roi_extractor
             # HTC's first mask head has no predecessor, hence no conv_res (mmdet: with_conv_res=False)
-            self.mask_head = nn.ModuleList(
-                FCNMaskHead(num_classes, in_channels, mask_conv_channels, num_mask_convs,
-                            with_conv_res=mask_info_flow and t > 0, mask_size=mask_size, loss_weight=loss_mask_weight)
-                for t in range(num_stages))
+            self.mask_head = nn.ModuleList(mask_head(num_classes, in_channels, with_conv_res=mask_info_flow and t > 0)
+                                           for t in range(num_stages))
+            self._check_num_classes("mask_head", self.mask_head)
         if semantic_head is not None:
-            self.semantic_roi_extractor = MultiLevelRoIAlign(mask_roi_size, (semantic_stride,))
+            size = self.mask_roi_extractor.output_size if with_mask else 14
+            self.semantic_roi_extractor = MultiLevelRoIAlign(size, (semantic_stride,))
         self.semantic_head = semantic_head
 
-        self.assigners = [MaxIoUAssigner(pos_iou_thr=t, neg_iou_thr=t, min_pos_iou=t,
-                                         match_low_quality=match_low_quality, ignore_iof_thr=ignore_iof_thr)
-                          for t in self.iou_thresholds]
-        self.ignore_iof_thr = ignore_iof_thr
-        self.samplers = [RandomSampler(sampler_num, sampler_pos_fraction, add_gt_as_proposals=True)
-                         for _ in range(num_stages)]
+        self.assigners = [assigner(t, t, min_pos_iou=t) for t in self.iou_thresholds]
+        self.sampler = sampler if sampler is not None else RandomSampler(512, 0.25, add_gt_as_proposals=True)
 
-    def keep_all_samples(self) -> None:
-        """Samplers keep every candidate, as mmdet with a 10**7 budget (the oracle's loss dumps)."""
-        self.samplers = [RandomSampler(None, self.sampler_pos_fraction, add_gt_as_proposals=True)
-                         for _ in range(self.num_stages)]
+    def _check_num_classes(self, name: str, heads: nn.ModuleList) -> None:
+        for t, head in enumerate(heads):
+            got = getattr(head, "num_classes", self.num_classes)
+            if got != self.num_classes:
+                raise ValueError(f"HTCRoIHead: {name} {t} ({type(head).__name__}) was built for {got} classes, the "
+                                 f"RoI head for {self.num_classes}: its factory must take num_classes first")
 
     # ---- forward pieces -------------------------------------------------------------------------------------
     def semantic(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -197,7 +214,7 @@ class HTCRoIHead(nn.Module):
         """Assign and sample every image's candidates; ``valid`` flags per image the candidates that take part
         (see ``_refine``). The sample sizes of all images reach the host in one transfer."""
         assigner = self.assigners[stage]
-        crowds = [t.get("crowd_boxes") if self.ignore_iof_thr > 0 else None for t in targets]
+        crowds = [t.get("crowd_boxes") if assigner.ignore_iof_thr > 0 else None for t in targets]
         crowds = [None if c is None or len(c) == 0 else c for c in crowds]
         if all(c is None for c in crowds):
             # all images in one padded assignment: the same results in a fraction of the ops
@@ -206,7 +223,7 @@ class HTCRoIHead(nn.Module):
         else:
             assigns = [assigner.assign(b[:, :4], t["boxes"], t["labels"], c, None if valid is None else valid[i])
                        for i, (b, t, c) in enumerate(zip(boxes, targets, crowds))]
-        sampler = self.samplers[stage]
+        sampler = self.sampler
         counts = sampler.candidate_counts(assigns)
         return [sampler.sample(a, b[:, :4], t["boxes"], t["labels"], counts=c)
                 for a, b, t, c in zip(assigns, boxes, targets, counts)]
@@ -215,10 +232,12 @@ class HTCRoIHead(nn.Module):
         # mmdet's Mask R-CNN (one stage) names its losses without the stage prefix
         return name if self.num_stages == 1 else f"s{stage}.{name}"
 
-    def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
-        """``proposals``: per image (N, 4 or 5), detached. Returns mmdet's names: ``s{t}.loss_cls``,
-        ``s{t}.loss_bbox``, ``s{t}.loss_mask`` (stage weights applied), ``s{t}.acc`` (detached),
-        ``loss_semantic_seg``."""
+    def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict],
+             metrics: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``proposals``: per image (N, 4 or 5), detached. Returns the losses only, by mmdet's names:
+        ``s{t}.loss_cls``, ``s{t}.loss_bbox``, ``s{t}.loss_mask`` (stage weights applied), ``loss_semantic_seg``;
+        their sum is the training loss. ``metrics``, when given, receives what is watched but not optimised:
+        ``s{t}.acc``, each stage's box classification accuracy in percent (detached)."""
         if len(proposals) != len(targets):
             raise ValueError(f"HTCRoIHead.loss: {len(proposals)} proposal sets for {len(targets)} images")
         losses: dict[str, Tensor] = {}
@@ -246,7 +265,9 @@ class HTCRoIHead(nn.Module):
                 head = self.bbox_head[t]
                 box_targets = head.targets(samples)
                 for name, value in head.loss(cls_score, bbox_pred, *box_targets).items():
-                    losses[self._loss_name(t, name)] = value * weight if "loss" in name else value
+                    losses[self._loss_name(t, name)] = value * weight
+                if metrics is not None:
+                    metrics[self._loss_name(t, "acc")] = head.accuracy(cls_score, box_targets[0])
             refined = None
             if self.interleaved or t < self.num_stages - 1:
                 with torch.no_grad():
