@@ -24,6 +24,10 @@ class FCNMaskHead(nn.Module):
                  num_convs: int = 4, with_conv_res: bool = False, mask_size: int = 28,
                  loss_weight: float = 1.0) -> None:
         super().__init__()
+        if with_conv_res and conv_channels != in_channels:
+            # conv_res's output is added to this head's RoI feature (mmdet's HTCMaskHead)
+            raise ValueError(f"FCNMaskHead: with_conv_res (mask information flow) adds a {conv_channels}-channel "
+                             f"feature to the {in_channels}-channel RoI feature: set conv_channels={in_channels}")
         self.num_classes = num_classes
         self.mask_size = mask_size
         self.loss_weight = loss_weight
