@@ -21,14 +21,11 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .structures import Detections, ImageMeta
 from .tta import TestTimeAugmentation
 
 Batch = tuple[Tensor, list[dict]]
-
-# mmdet's ImageNet normalisation (RGB); used to show validation images when the datamodule has no mean/std.
-_MEAN = (123.675, 116.28, 103.53)
-_STD = (58.395, 57.12, 57.375)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -334,7 +331,8 @@ class HTCModule(pl.LightningModule):
         if logger is None:
             return
         dm = getattr(self.trainer, "datamodule", None)
-        mean, std = getattr(dm, "mean", _MEAN), getattr(dm, "std", _STD)
+        # a datamodule without mean/std is taken to normalise as mmdet does
+        mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
         names = getattr(dm, "class_names", None)
         images, targets = batch
         for image, target, det in zip(images, targets, detections):
