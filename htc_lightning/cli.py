@@ -29,7 +29,7 @@ from .callbacks import (
     SigtermCheckpoint,
 )
 from .callbacks.faults import SIGTERM_EXIT_CODE
-from .module import HTCModule
+from .module import DetectionModule
 
 ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
 
@@ -41,7 +41,7 @@ def _num_classes(datamodule: Any) -> int:
 class HTCLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
-    - model: any ``HTCModule`` subclass by ``class_path`` (default ``HTCModule``); data: any
+    - model: any ``DetectionModule`` subclass by ``class_path`` (default ``DetectionModule``); data: any
       ``LightningDataModule`` by ``class_path`` (``htc_lightning.data.datamodule.CocoDataModule`` for COCO).
     - ``data.num_classes`` -> ``model...roi_head.init_args.num_classes`` at instantiation.
     - Callbacks always present and configurable under their own keys: ``checkpoint``
@@ -53,7 +53,7 @@ class HTCLightningCLI(LightningCLI):
     and ``.trainer`` built.
     """
 
-    def __init__(self, model_class: type | None = HTCModule, datamodule_class: type | None = None,
+    def __init__(self, model_class: type | None = DetectionModule, datamodule_class: type | None = None,
                  *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

@@ -1,4 +1,4 @@
-"""``HTCModule``: the Lightning side of a detector (optimisation, logging, evaluation, faults).
+"""``DetectionModule``: the Lightning side of a detector (optimisation, logging, evaluation, faults).
 
 The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``; this class only decides
 *when* it is called. Every step of the recipe is a small overridable method, so a research variant
@@ -32,8 +32,9 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; the message names the step and the terms."""
 
 
-class HTCModule(pl.LightningModule):
-    """Train, validate, test and predict with a two-stage detector.
+class DetectionModule(pl.LightningModule):
+    """Train, validate, test and predict with any detector of the package (HTC, Cascade and Mask R-CNN, or a
+    proposal generator alone).
 
     Args:
         detector: any ``nn.Module`` with ``loss(images, targets) -> dict[str, Tensor]`` and
@@ -350,6 +351,11 @@ class HTCModule(pl.LightningModule):
                 out.mkdir(parents=True, exist_ok=True)
                 drawn.save(out / f"step{self.global_step:07d}_{self._images_logged}.png")
             self._images_logged += 1
+
+
+# The name before issue 17: configs and checkpoints (hparams ``_class_path``) written with
+# ``htc_lightning.module.HTCModule`` resolve to the same class. Kept for one release.
+HTCModule = DetectionModule
 
 
 def _built_by_cli() -> bool:
