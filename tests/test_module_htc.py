@@ -44,6 +44,15 @@ def test_lr_scales_linearly_with_the_global_batch(tmp_path, batch_size, accumula
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(expected)
 
 
+def test_a_module_used_on_its_own_has_no_trainer_and_sets_up_without_one(tmp_path):
+    module = DetectionModule(make_detector(), log_images=0)
+    assert module.attached_trainer() is None
+    module.setup("fit")  # no datamodule to check the semantic maps against: nothing to complain about
+    trainer = trainer_for(tmp_path, 1)
+    trainer.fit(module, TinyCocoDataModule(str(tmp_path / "d")))
+    assert module.attached_trainer() is trainer
+
+
 def test_lr_factor_is_linear_warmup_then_step_decay_by_epoch():
     module = DetectionModule(nn.Linear(1, 1), warmup_iters=500, warmup_ratio=0.001, max_epochs_schedule=[8, 11])
     module._steps_per_epoch = 1000
