@@ -23,11 +23,10 @@ class InternalsChanged(RuntimeError):
     """A private attribute that ``_lightning_compat`` relies on is gone or behaves otherwise."""
 
 
-def changed(attribute: str, library: str, detail: str = "") -> InternalsChanged:
+def changed(attribute: str, library: str) -> InternalsChanged:
     """The error for ``attribute`` of ``library``: names it, the installed version and the checked one."""
     return InternalsChanged(f"{attribute} is gone or changed in {library} {version(library)} (the workaround was "
-                            f"checked with {CHECKED[library]}){': ' + detail if detail else ''}; adapt "
-                            "htc_lightning/_lightning_compat.py")
+                            f"checked with {CHECKED[library]}); adapt htc_lightning/_lightning_compat.py")
 
 
 def built_by_lightning_cli() -> bool:
