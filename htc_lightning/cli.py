@@ -20,6 +20,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ._lightning_compat import apply_ckpt_hparams_with_own_method, drop_instantiation_link
 from .callbacks import (
     AtomicCheckpointIO,
     CocoPredictionWriter,
@@ -29,7 +30,7 @@ from .callbacks import (
     SigtermCheckpoint,
 )
 from .callbacks.faults import SIGTERM_EXIT_CODE
-from .module import HTCModule
+from .module import DetectionModule
 
 ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
 
@@ -38,10 +39,11 @@ def _num_classes(datamodule: Any) -> int:
     return int(datamodule.num_classes)
 
 
+@apply_ckpt_hparams_with_own_method
 class HTCLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
-    - model: any ``HTCModule`` subclass by ``class_path`` (default ``HTCModule``); data: any
+    - model: any ``DetectionModule`` subclass by ``class_path`` (default ``DetectionModule``); data: any
       ``LightningDataModule`` by ``class_path`` (``htc_lightning.data.datamodule.CocoDataModule`` for COCO).
     - ``data.num_classes`` -> ``model...roi_head.init_args.num_classes`` at instantiation.
     - Callbacks always present and configurable under their own keys: ``checkpoint``
@@ -53,12 +55,13 @@ class HTCLightningCLI(LightningCLI):
     and ``.trainer`` built.
     """
 
-    def __init__(self, model_class: type | None = HTCModule, datamodule_class: type | None = None,
+    def __init__(self, model_class: type | None = DetectionModule, datamodule_class: type | None = None,
                  *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        self._num_classes_linked: list[Any] = []  # the parsers holding the num_classes link (one per subcommand)
         super().__init__(model_class, datamodule_class or pl.LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -77,10 +80,11 @@ class HTCLightningCLI(LightningCLI):
         # CocoDataModule's GroupedBatchSampler shards by rank itself and must not be replaced by Lightning.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.link_arguments("data", ROI_HEAD_NUM_CLASSES, compute_fn=_num_classes, apply_on="instantiate")
+        self._num_classes_linked.append(parser)
 
     def before_instantiate_classes(self) -> None:
-        # A proposal-only detector (GA-RPN alone) has roi_head=None: nothing to link. jsonargparse 4.53 means to
-        # skip a link whose target is absent but trips over the None on the way (TypeError), so drop it here.
+        # A proposal-only detector (GA-RPN alone) has roi_head=None: nothing to link, and the link would fail
+        # instead of being skipped (see drop_instantiation_link).
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
             roi_head = config["model.init_args.detector.init_args"].get("roi_head", "absent")
@@ -88,16 +92,14 @@ class HTCLightningCLI(LightningCLI):
             return
         if roi_head is not None:
             return
-        parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
-        group = getattr(parser, "_links_group", None)
-        if group is not None:
-            group._group_actions = [a for a in group._group_actions
-                                    if getattr(a, "target", (None,))[0] != ROI_HEAD_NUM_CLASSES]
+        for parser in self._num_classes_linked:  # only the running subcommand's parser matters; drop it from all
+            drop_instantiation_link(parser, ROI_HEAD_NUM_CLASSES)
 
-    def _parse_ckpt_path(self) -> None:
+    def apply_ckpt_hparams(self) -> None:
         """``test/predict --ckpt_path FILE``: take only the architecture (the detector) and the categories from the
         checkpoint. Lightning's default applies all of them over the config, which would silently undo
-        evaluation settings given in the config or on the command line (``outfile_prefix``, ``backend``, ...)."""
+        evaluation settings given in the config or on the command line (``outfile_prefix``, ``backend``, ...).
+        Lightning calls it right after parsing, in place of its own (``_lightning_compat`` routes it)."""
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
@@ -133,14 +135,14 @@ class HTCLightningCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        # ``load_from`` runs in the module's setup, before Lightning restores ``ckpt_path``: tell it whether a
-        # checkpoint will be restored ("last" only when one exists), so that a resumed run skips load_from.
+    def set_module_resume_ckpt(self) -> None:
+        """``load_from`` runs in the module's setup, before Lightning restores ``ckpt_path``: tell it whether a
+        checkpoint will be restored ("last" only when one exists), so that a resumed run skips load_from."""
         if hasattr(self.model, "resume_ckpt_path"):
-            self.model.resume_ckpt_path = self._restored_ckpt(kwargs.get("ckpt_path"))
-        return kwargs
+            self.model.resume_ckpt_path = self._restored_ckpt(self.config_init[self.subcommand].get("ckpt_path"))
+
+    # LightningCLI's public ``before_<subcommand>`` hooks, called once the trainer exists and before the run
+    before_fit = before_validate = before_test = before_predict = set_module_resume_ckpt
 
     def _restored_ckpt(self, ckpt_path: str | None) -> str | None:
         if ckpt_path != "last":

@@ -1,4 +1,4 @@
-"""``HTCModule``: the Lightning side of a detector (optimisation, logging, evaluation, faults).
+"""``DetectionModule``: the Lightning side of a detector (optimisation, logging, evaluation, faults).
 
 The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``; this class only decides
 *when* it is called. Every step of the recipe is a small overridable method, so a research variant
@@ -21,22 +21,21 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from ._lightning_compat import built_by_lightning_cli
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .structures import Detections, ImageMeta
 from .tta import TestTimeAugmentation
 
 Batch = tuple[Tensor, list[dict]]
-
-# mmdet's ImageNet normalisation (RGB); used to show validation images when the datamodule has no mean/std.
-_MEAN = (123.675, 116.28, 103.53)
-_STD = (58.395, 57.12, 57.375)
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; the message names the step and the terms."""
 
 
-class HTCModule(pl.LightningModule):
-    """Train, validate, test and predict with a two-stage detector.
+class DetectionModule(pl.LightningModule):
+    """Train, validate, test and predict with any detector of the package (HTC, Cascade and Mask R-CNN, or a
+    proposal generator alone).
 
     Args:
         detector: any ``nn.Module`` with ``loss(images, targets) -> dict[str, Tensor]`` and
@@ -85,7 +84,7 @@ class HTCModule(pl.LightningModule):
         # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
         # The TTA is a test-time choice, never stored: ``test --ckpt_path`` applies the checkpoint's hparams over
         # the config, so a stored ``tta: null`` would silently switch off the TTA the config asks for.
-        self.save_hyperparameters(ignore=["tta"] if _built_by_cli() else ["detector", "tta"])
+        self.save_hyperparameters(ignore=["tta"] if built_by_lightning_cli() else ["detector", "tta"])
         self.detector = detector
         self.lr = lr
         self.base_batch_size = base_batch_size
@@ -213,11 +212,18 @@ class HTCModule(pl.LightningModule):
             self._steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         return self._steps_per_epoch
 
+    def attached_trainer(self) -> pl.Trainer | None:
+        """The trainer running this module, or None (the module is used on its own, e.g. in a notebook)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's public ``trainer`` property raises while no trainer is attached
+            return None
+
     def setup(self, stage: str) -> None:
         if self.load_from is not None:
             self.load_pretrained(stage)
         # HTC's semantic branch learns from COCO-Stuff maps; without them its loss has no target.
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.attached_trainer(), "datamodule", None)
         if (stage == "fit" and getattr(self.detector, "with_semantic", False) and dm is not None
                 and getattr(dm, "has_semantic", True) is False):
             raise ValueError(
@@ -229,7 +235,8 @@ class HTCModule(pl.LightningModule):
         """``load_from``: weights only, before the stage runs; a resumed run's ``ckpt_path`` wins."""
         from .checkpoints.mmdet import load_weights
 
-        ckpt_path = self.resume_ckpt_path or (self.trainer.ckpt_path if self._trainer is not None else None)
+        trainer = self.attached_trainer()
+        ckpt_path = self.resume_ckpt_path or (trainer.ckpt_path if trainer is not None else None)
         if ckpt_path:
             rank_zero_print(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
             return
@@ -265,7 +272,7 @@ class HTCModule(pl.LightningModule):
             ann_file = getattr(dm, "val_ann_file", None)
         cat_ids = getattr(dm, "cat_ids", None)
         prefix = None if self.outfile_prefix is None else f"{self.outfile_prefix}.{stage}"
-        if prefix is None and stage == "test" and self._trainer is not None:
+        if prefix is None and stage == "test" and self.attached_trainer() is not None:
             # detectron2's habit: a test run leaves its COCO results next to its logs
             prefix = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "results.test")
         if ann_file is None and (prefix is None or cat_ids is None):
@@ -337,7 +344,8 @@ class HTCModule(pl.LightningModule):
         if logger is None:
             return
         dm = getattr(self.trainer, "datamodule", None)
-        mean, std = getattr(dm, "mean", _MEAN), getattr(dm, "std", _STD)
+        # a datamodule without mean/std is taken to normalise as mmdet does
+        mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
         names = getattr(dm, "class_names", None)
         images, targets = batch
         for image, target, det in zip(images, targets, detections):
@@ -357,12 +365,9 @@ class HTCModule(pl.LightningModule):
             self._images_logged += 1
 
 
-def _built_by_cli() -> bool:
-    try:
-        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:
-        return False
-    return _given_hyperparameters.get() is not None
+# The name before issue 17: configs and checkpoints (hparams ``_class_path``) written with
+# ``htc_lightning.module.HTCModule`` resolve to the same class. Kept for one release.
+HTCModule = DetectionModule
 
 
 @rank_zero_only

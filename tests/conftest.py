@@ -283,13 +283,14 @@ class TinyCocoDataModule(pl.LightningDataModule):
 
 
 def fake_cli_config(tmp_path: Path, **trainer) -> str:
-    """A CLI config file: HTCModule around FakeDetector on TinyCocoDataModule, 3 CPU steps; ``trainer`` overrides."""
+    """A CLI config file: DetectionModule around FakeDetector on TinyCocoDataModule, 3 CPU steps; ``trainer``
+    overrides."""
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "max_steps": 3,
                     "num_sanity_val_steps": 0, **trainer},
-        "model": {"class_path": "htc_lightning.module.HTCModule",
+        "model": {"class_path": "htc_lightning.module.DetectionModule",
                   "init_args": {"lr": 0.01, "log_images": 0, "detector": {
                       "class_path": "conftest.FakeDetector",
                       "init_args": {"roi_head": {"class_path": "conftest.FakeRoIHead"}}}}},

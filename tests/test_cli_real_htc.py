@@ -38,7 +38,7 @@ def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
         "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
                     "default_root_dir": str(tmp_path / "run"), **trainer},
-        "model": {"class_path": "htc_lightning.module.HTCModule",
+        "model": {"class_path": "htc_lightning.module.DetectionModule",
                   "init_args": {"lr": 0.01, "warmup_iters": 2, "log_images": 0, "detector": detector}},
         "data": {"class_path": "htc_lightning.data.datamodule.CocoDataModule",
                  "init_args": {"data_root": str(coco_root), "stuff_maps": "stuffthingmaps",

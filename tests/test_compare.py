@@ -11,6 +11,7 @@ from htc_lightning.tools.compare import (
     assert_close_to_reference,
     compare_kept_sets,
     diff,
+    match_boxes,
     threshold_flips,
 )
 from htc_lightning.tools.mmdet_parity import Report, compare_raw
@@ -107,6 +108,11 @@ def test_a_box_at_the_top_k_cut_is_a_near_tie_and_one_above_it_is_not():
     assert cmp.ok and cmp.near_ties == 2
     cmp = compare_kept_sets(boxes[:2], torch.tensor([0.9, 0.8]), boxes[ours_idx], ref_scores[ours_idx], top_k=2)
     assert not cmp.ok
+
+
+def test_one_of_our_boxes_matches_at_most_one_reference_box_the_higher_scoring_first():
+    twin = torch.tensor([box(0, 0, 10, 10), box(0, 0, 10, 10)])  # a duplicate the reference kept, ours did not
+    assert match_boxes(twin, torch.tensor([0.8, 0.9]), twin[:1], torch.tensor([0.85]), score_tol=0.1) == [(1, 0)]
 
 
 def test_labels_must_agree_for_a_match():

@@ -12,7 +12,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.trainer.states import TrainerFn
 
 from htc_lightning.callbacks import AtomicCheckpointIO, ResumeState, SigtermCheckpoint
-from htc_lightning.module import HTCModule, NonFiniteLossError
+from htc_lightning.module import DetectionModule, NonFiniteLossError
 
 
 def trainer_for(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
@@ -22,7 +22,7 @@ def trainer_for(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
 
 
 def test_nan_loss_raises_naming_step_and_term(tmp_path):
-    module = HTCModule(make_detector(nan_at_call=2), lr=0.01, base_batch_size=2, log_images=0)
+    module = DetectionModule(make_detector(nan_at_call=2), lr=0.01, base_batch_size=2, log_images=0)
     with pytest.raises(NonFiniteLossError, match=r"step 2 \(epoch 0, batch 2\).*loss_bbox=nan"):
         trainer_for(tmp_path, 4).fit(module, TinyCocoDataModule(str(tmp_path / "data")))
 
@@ -39,7 +39,7 @@ def test_nan_loss_skip_policy_skips_the_step_and_counts_it(tmp_path):
             self.after[batch_idx] = pl_module.detector.roi_head.offset.detach().clone()
 
     snap = Snapshot()
-    module = HTCModule(make_detector(nan_at_call=1), lr=0.01, base_batch_size=2, warmup_iters=0,
+    module = DetectionModule(make_detector(nan_at_call=1), lr=0.01, base_batch_size=2, warmup_iters=0,
                        nan_policy="skip", log_images=0)
     with pytest.warns(UserWarning, match="skipping step 1 .*loss_bbox=nan"):
         trainer = trainer_for(tmp_path, 3, [snap])
@@ -64,11 +64,11 @@ def test_sigterm_saves_last_checkpoint_that_resumes(tmp_path):
     sigterm = SigtermCheckpoint()
     with pytest.raises(SystemExit):
         trainer_for(tmp_path, 6, [sigterm, SignalAt(3, signal.SIGTERM)]).fit(
-            HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
+            DetectionModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
     assert sigterm.saved_path == str(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.load(sigterm.saved_path, weights_only=False)["global_step"] == 3
     trainer = trainer_for(tmp_path, 6, [SigtermCheckpoint()])
-    trainer.fit(HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")),
+    trainer.fit(DetectionModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")),
                 ckpt_path=sigterm.saved_path)
     assert trainer.global_step == 6
 
@@ -89,7 +89,7 @@ def test_slurm_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_pat
     callbacks = [ResumeState(), SigtermCheckpoint(), SignalAt(2, signal.SIGUSR1), SignalAt(3, signal.SIGTERM)]
     first = trainer_for(tmp_path, 8, callbacks, plugins=[SLURMEnvironment(auto_requeue=True)])
     with pytest.raises(SystemExit):
-        first.fit(HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
+        first.fit(DetectionModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
     assert requeued == [["scontrol", "requeue", "4242"]]
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
     assert torch.load(hpc, weights_only=False)["global_step"] == 2
@@ -103,7 +103,7 @@ def test_slurm_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_pat
             resumed_from.append(trainer.global_step)
 
     second.callbacks.append(Spy())
-    second.fit(HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
+    second.fit(DetectionModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
     assert resumed_from == [2] and second.global_step == 8
 
 
@@ -147,7 +147,7 @@ def test_sigterm_checkpoint_moves_itself_last_without_skipping_another_callbacks
 
     sigterm, spy = SigtermCheckpoint(), SetupSpy()
     trainer = trainer_for(tmp_path, 1, [sigterm, spy])
-    trainer.fit(HTCModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
+    trainer.fit(DetectionModule(make_detector(), log_images=0), TinyCocoDataModule(str(tmp_path / "data")))
     assert spy.stages == ["fit"]
     assert trainer.callbacks[-1] is sigterm  # its per-step agreement sees what the other callbacks did
 

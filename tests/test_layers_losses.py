@@ -52,6 +52,20 @@ def test_smooth_l1_empty_target_is_zero():
     assert smooth_l1_loss(pred, torch.zeros(0, 4)).item() == 0.0
 
 
+@pytest.mark.parametrize("loss_fn", [smooth_l1_loss, l1_loss])
+def test_box_loss_without_targets_is_a_zero_connected_to_the_predictions(loss_fn):
+    pred = torch.ones(2, 4, requires_grad=True)  # predictions for boxes whose targets were all filtered out
+    loss = loss_fn(pred, torch.zeros(0, 4))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("loss_fn", [smooth_l1_loss, l1_loss])
+def test_box_loss_shape_mismatch_names_the_loss_and_both_shapes(loss_fn):
+    with pytest.raises(ValueError, match=rf"^{loss_fn.__name__}: pred \(3, 4\) and target \(2, 4\) differ"):
+        loss_fn(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
 def test_avg_factor_zero_is_guarded_by_eps():
     loss = l1_loss(torch.zeros(2), torch.zeros(2), weight=torch.ones(2), avg_factor=0.0)
     assert torch.isfinite(loss) and loss.item() == 0.0

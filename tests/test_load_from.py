@@ -36,7 +36,7 @@ def _config(tmp_path: Path, coco_root: Path) -> str:
                     "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
                     "default_root_dir": str(tmp_path / "run")},
         # lr 0: the one optimiser step leaves every weight where the checkpoint put it
-        "model": {"class_path": "htc_lightning.module.HTCModule",
+        "model": {"class_path": "htc_lightning.module.DetectionModule",
                   "init_args": {"lr": 0.0, "log_images": 0, "detector": detector}},
         "data": {"class_path": "htc_lightning.data.datamodule.CocoDataModule",
                  "init_args": {"data_root": str(coco_root), "stuff_maps": "stuffthingmaps",

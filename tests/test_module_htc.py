@@ -1,4 +1,4 @@
-"""HTCModule: losses and logging, lr scaling and schedule, evaluation metrics, subclass hooks, precision."""
+"""DetectionModule: losses and logging, lr scaling and schedule, evaluation metrics, subclass hooks, precision."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import TinyCocoDataModule, make_detector
 from torch import nn
 
-from htc_lightning.module import HTCModule
+from htc_lightning.module import DetectionModule
 
 
 def trainer_for(root, max_steps: int = 2, **kwargs) -> pl.Trainer:
@@ -27,7 +27,7 @@ class RecordLosses(pl.Callback):
 def test_training_step_sums_loss_terms_only_and_logs_each_term(tmp_path):
     rec = RecordLosses()
     pl.seed_everything(0, verbose=False)
-    module = HTCModule(make_detector(), lr=0.01, log_images=0)
+    module = DetectionModule(make_detector(), lr=0.01, log_images=0)
     trainer_for(tmp_path, 1, callbacks=[rec]).fit(module, TinyCocoDataModule(str(tmp_path / "d")))
     loss, logged = rec.outputs[0]
     terms = {k: float(logged[f"train/{k}"]) for k in ("loss_feat", "loss_bbox", "loss_cls")}
@@ -38,14 +38,23 @@ def test_training_step_sums_loss_terms_only_and_logs_each_term(tmp_path):
 
 @pytest.mark.parametrize(("batch_size", "accumulate", "expected"), [(2, 1, 0.02 * 2 / 16), (2, 3, 0.02 * 6 / 16)])
 def test_lr_scales_linearly_with_the_global_batch(tmp_path, batch_size, accumulate, expected):
-    module = HTCModule(make_detector(), lr=0.02, base_batch_size=16, log_images=0)
+    module = DetectionModule(make_detector(), lr=0.02, base_batch_size=16, log_images=0)
     trainer = trainer_for(tmp_path, 1, accumulate_grad_batches=accumulate)
     trainer.fit(module, TinyCocoDataModule(str(tmp_path / "d"), batch_size=batch_size))
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(expected)
 
 
+def test_a_module_used_on_its_own_has_no_trainer_and_sets_up_without_one(tmp_path):
+    module = DetectionModule(make_detector(), log_images=0)
+    assert module.attached_trainer() is None
+    module.setup("fit")  # no datamodule to check the semantic maps against: nothing to complain about
+    trainer = trainer_for(tmp_path, 1)
+    trainer.fit(module, TinyCocoDataModule(str(tmp_path / "d")))
+    assert module.attached_trainer() is trainer
+
+
 def test_lr_factor_is_linear_warmup_then_step_decay_by_epoch():
-    module = HTCModule(nn.Linear(1, 1), warmup_iters=500, warmup_ratio=0.001, max_epochs_schedule=[8, 11])
+    module = DetectionModule(nn.Linear(1, 1), warmup_iters=500, warmup_ratio=0.001, max_epochs_schedule=[8, 11])
     module._steps_per_epoch = 1000
     assert module.lr_factor(0) == pytest.approx(0.001)
     assert module.lr_factor(250) == pytest.approx(0.001 + 0.999 * 0.5)  # mmdet: 1 - (1 - r)(1 - i / w)
@@ -63,7 +72,7 @@ def test_lr_follows_the_schedule_in_training(tmp_path):
         def on_train_batch_start(self, trainer, *args):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    module = HTCModule(make_detector(), lr=0.16, base_batch_size=16, warmup_iters=2, warmup_ratio=0.5,
+    module = DetectionModule(make_detector(), lr=0.16, base_batch_size=16, warmup_iters=2, warmup_ratio=0.5,
                        max_epochs_schedule=[1], log_images=0)
     dm = TinyCocoDataModule(str(tmp_path / "d"), num_train=4, batch_size=2)  # 2 steps per epoch
     trainer_for(tmp_path, 5, callbacks=[LR()]).fit(module, dm)
@@ -73,32 +82,32 @@ def test_lr_follows_the_schedule_in_training(tmp_path):
 
 def test_validation_logs_coco_metrics_for_perfect_and_shifted_boxes(tmp_path):
     dm = TinyCocoDataModule(str(tmp_path / "d"))
-    perfect = HTCModule(make_detector(init_offset=0.0), log_images=0)
+    perfect = DetectionModule(make_detector(init_offset=0.0), log_images=0)
     metrics = trainer_for(tmp_path, limit_val_batches=1.0).validate(perfect, dm, verbose=False)[0]
     # the detector returns exactly the ground truth, with the right original category ids: AP is 1
     assert metrics["val/bbox_mAP"] == pytest.approx(1.0)
     assert metrics["val/segm_mAP"] == pytest.approx(1.0)
-    shifted = HTCModule(make_detector(init_offset=3.0), log_images=0)
+    shifted = DetectionModule(make_detector(init_offset=3.0), log_images=0)
     metrics = trainer_for(tmp_path, limit_val_batches=1.0).validate(shifted, dm, verbose=False)[0]
     assert 0.0 < metrics["val/bbox_mAP"] < 1.0 and metrics["val/bbox_mAP_50"] == pytest.approx(1.0)
 
 
 def test_test_stage_logs_under_test_prefix(tmp_path):
-    module = HTCModule(make_detector(init_offset=0.0), log_images=0)
+    module = DetectionModule(make_detector(init_offset=0.0), log_images=0)
     trainer = trainer_for(tmp_path, limit_test_batches=1.0)
     metrics = trainer.test(module, TinyCocoDataModule(str(tmp_path / "d")), verbose=False)[0]
     assert metrics["test/segm_mAP"] == pytest.approx(1.0)
 
 
 def test_box_only_detector_is_evaluated_on_boxes_only(tmp_path):
-    module = HTCModule(make_detector(init_offset=0.0, with_mask=False), log_images=0)
+    module = DetectionModule(make_detector(init_offset=0.0, with_mask=False), log_images=0)
     trainer = trainer_for(tmp_path, limit_val_batches=1.0)
     metrics = trainer.validate(module, TinyCocoDataModule(str(tmp_path / "d")), verbose=False)[0]
     assert metrics["val/bbox_mAP"] == pytest.approx(1.0)
     assert not any(k.startswith("val/segm") for k in metrics)
 
 
-class NoBboxLossModule(HTCModule):
+class NoBboxLossModule(DetectionModule):
     """A research variant: replaces one term through the compute_loss hook."""
 
     def compute_loss(self, batch, metrics=None):
@@ -120,7 +129,7 @@ def test_subclass_can_replace_a_loss_term_through_compute_loss(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_training_step_runs_on_cpu(tmp_path, precision):
     rec = RecordLosses()
-    module = HTCModule(make_detector(), lr=0.01, log_images=0)
+    module = DetectionModule(make_detector(), lr=0.01, log_images=0)
     trainer_for(tmp_path, 2, precision=precision, callbacks=[rec]).fit(module, TinyCocoDataModule(str(tmp_path / "d")))
     assert len(rec.outputs) == 2 and all(torch.isfinite(loss) for loss, _ in rec.outputs)
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
@@ -129,7 +138,7 @@ def test_mixed_precision_training_step_runs_on_cpu(tmp_path, precision):
 def test_validation_images_are_written_when_the_logger_has_no_image_support(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
-    module = HTCModule(make_detector(init_offset=0.0), log_images=3, score_thr_vis=0.0)
+    module = DetectionModule(make_detector(init_offset=0.0), log_images=3, score_thr_vis=0.0)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=CSVLogger(str(tmp_path)), enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                          val_check_interval=1)

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from htc_lightning.callbacks import CocoPredictionWriter
-from htc_lightning.module import HTCModule
+from htc_lightning.module import DetectionModule
 from htc_lightning.structures import Detections
 from htc_lightning.visualize import draw_detections, label_color, tensor_to_pil
 
@@ -21,7 +21,7 @@ def run_predict(tmp_path, draw: bool, with_mask: bool = True):
     dm = TinyCocoDataModule(str(tmp_path / "data"))
     writer = CocoPredictionWriter(str(tmp_path / "out"), draw=draw, score_thr=0.0)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
-    module = HTCModule(make_detector(init_offset=0.0, with_mask=with_mask))
+    module = DetectionModule(make_detector(init_offset=0.0, with_mask=with_mask))
     trainer.predict(module, dm, return_predictions=False)
     return dm, tmp_path / "out"
 

@@ -7,14 +7,14 @@ import torch
 from conftest import SigtermAt, TinyCocoDataModule, make_detector
 
 from htc_lightning.callbacks import ResumeState, SigtermCheckpoint
-from htc_lightning.module import HTCModule
+from htc_lightning.module import DetectionModule
 
 N_STEPS = 7  # 4 batches per epoch: crosses the epoch boundary and the lr step at epoch 1
 
 
-def make_module(seed: int = 0) -> HTCModule:
+def make_module(seed: int = 0) -> DetectionModule:
     pl.seed_everything(seed, verbose=False)
-    return HTCModule(make_detector(), lr=0.05, base_batch_size=2, warmup_iters=3, max_epochs_schedule=[1],
+    return DetectionModule(make_detector(), lr=0.05, base_batch_size=2, warmup_iters=3, max_epochs_schedule=[1],
                      log_images=0)
 
 

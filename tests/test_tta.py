@@ -20,7 +20,7 @@ from htc_lightning.models.proposals.rpn import RPN
 from htc_lightning.models.roi_heads import FCNMaskHead, Shared2FCBBoxHead
 from htc_lightning.models.roi_heads.htc import HTCRoIHead
 from htc_lightning.models.roi_heads.semantic_head import FusedSemanticHead
-from htc_lightning.module import HTCModule
+from htc_lightning.module import DetectionModule
 from htc_lightning.tta import (
     TestTimeAugmentation,
     View,
@@ -274,7 +274,7 @@ class RecordingTTA(TestTimeAugmentation):
 def test_module_test_step_runs_the_detector_through_tta(tmp_path):
     detector = tiny_detector(num_classes=2)  # the datamodule's two categories
     tta = RecordingTTA(scales=[(64, 64)], flip=True)
-    module = HTCModule(detector, log_images=0, tta=tta)
+    module = DetectionModule(detector, log_images=0, tta=tta)
     dm = TinyCocoDataModule(str(tmp_path / "d"), num_val=3, val_batch_size=2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))

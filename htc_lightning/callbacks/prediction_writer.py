@@ -70,7 +70,7 @@ class CocoPredictionWriter(BasePredictionWriter):
     def _draw(self, image: torch.Tensor, meta: dict, det: Detections, dm: Any) -> None:
         from PIL import Image
 
-        from ..module import _MEAN, _STD
+        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from ..visualize import draw_detections, tensor_to_pil
 
         file_name = meta.get("file_name") or f"{int(meta['image_id'])}.png"
@@ -80,7 +80,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         if root is not None and (Path(root) / file_name).is_file():
             picture = Image.open(Path(root) / file_name).convert("RGB")
         else:
-            picture = tensor_to_pil(image, meta, getattr(dm, "mean", _MEAN), getattr(dm, "std", _STD))
+            picture = tensor_to_pil(image, meta, getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD))
         drawn = draw_detections(picture, det.to("cpu"), class_names=getattr(dm, "class_names", None),
                                 score_thr=self.score_thr)
         out = self.output_dir / "vis" / (Path(file_name).stem + ".png")

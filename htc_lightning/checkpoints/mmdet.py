@@ -104,7 +104,7 @@ def read_checkpoint(path: str | PathLike) -> dict[str, Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict, found {type(obj).__name__}")
-    if obj and all(k.startswith("detector.") for k in obj):  # HTCModule's own checkpoint
+    if obj and all(k.startswith("detector.") for k in obj):  # DetectionModule's own checkpoint
         obj = {k.removeprefix("detector."): v for k, v in obj.items()}
     return obj
 
@@ -183,7 +183,7 @@ def load_mmdet_checkpoint(detector: nn.Module, path_or_state_dict: str | PathLik
 
 def load_weights(detector: nn.Module, path: str | PathLike, checkpoint_format: Literal["v2", "v1"] = "v2",
                  allow_new_classes: bool = True) -> LoadReport:
-    """``HTCModule(load_from=...)``: initialise ``detector`` from an mmdet (v1/v2/v3) or our own checkpoint.
+    """``DetectionModule(load_from=...)``: initialise ``detector`` from an mmdet (v1/v2/v3) or our own checkpoint.
 
     Missing and unexpected keys are reported, not fatal; a shape mismatch other than a class count is an
     error naming the key and both shapes. A class-count mismatch re-initialises those layers when

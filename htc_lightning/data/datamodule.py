@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .._lightning_compat import uses_distributed_sampler
 from .coco import CocoDetection, ImageFolder, load_json
 from .samplers import GroupedBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
@@ -188,7 +189,7 @@ class CocoDataModule(pl.LightningDataModule):
             self.setup("fit")
         world, rank = self._world()
         trainer = self.trainer
-        if world > 1 and trainer is not None and trainer._accelerator_connector.use_distributed_sampler:
+        if world > 1 and trainer is not None and uses_distributed_sampler(trainer):
             raise ValueError("CocoDataModule shards training batches itself (GroupedBatchSampler); create the "
                              "Trainer with use_distributed_sampler=False so Lightning does not replace its sampler")
         dataset = self.train_dataset

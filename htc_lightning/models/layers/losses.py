@@ -29,14 +29,26 @@ def _zero_if_no_weight(loss: Tensor, pred: Tensor, weight: Tensor | None) -> Ten
     return torch.where((weight > 0).any(), loss, (pred * weight).sum().to(loss.dtype))
 
 
+def _empty_regression(name: str, pred: Tensor, target: Tensor) -> Tensor | None:
+    """The loss of a box regression without targets, or None when there are targets to regress to.
+
+    No target gives mmdet's ``pred.sum() * 0``, a zero still connected to ``pred``'s graph, so backward reaches
+    the same parameters whether or not an image has boxes; otherwise ``pred`` and ``target`` must have the same
+    shape, and the message names the loss that got them.
+    """
+    if target.numel() == 0:
+        return pred.sum() * 0
+    if pred.shape != target.shape:
+        raise ValueError(f"{name}: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return None
+
+
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Tensor | None = None,
                    avg_factor: float | Tensor | None = None) -> Tensor:
     if beta <= 0:
         raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
-    if target.numel() == 0:
-        return pred.sum() * 0
-    if pred.shape != target.shape:
-        raise ValueError(f"smooth_l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if (empty := _empty_regression("smooth_l1_loss", pred, target)) is not None:
+        return empty
     diff = (pred - target).abs()
     loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
     return _zero_if_no_weight(weight_reduce(loss, weight, avg_factor), pred, weight)
@@ -44,10 +56,8 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Tens
 
 def l1_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
             avg_factor: float | Tensor | None = None) -> Tensor:
-    if target.numel() == 0:
-        return pred.sum() * 0
-    if pred.shape != target.shape:
-        raise ValueError(f"l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if (empty := _empty_regression("l1_loss", pred, target)) is not None:
+        return empty
     return _zero_if_no_weight(weight_reduce((pred - target).abs(), weight, avg_factor), pred, weight)
 
 

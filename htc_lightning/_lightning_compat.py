@@ -1,0 +1,95 @@
+"""The one place where htc-lightning relies on Lightning's and jsonargparse's private internals.
+
+Each function is one workaround for something neither library offers publicly; its docstring names the private
+attribute, why we need it, and the versions checked. ``tests/test_lightning_compat.py`` has one test per function
+that fails, naming the attribute and the installed version, when an upgrade removes or changes what the function
+relies on. Adapt the function here, never its callers.
+"""
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from pytorch_lightning.cli import LightningCLI
+
+# The versions each workaround was read against and tested with (constraints.txt pins them).
+CHECKED = {"pytorch-lightning": "2.6.6", "jsonargparse": "4.53.0"}
+
+CLI = TypeVar("CLI", bound="type[LightningCLI]")
+
+
+class InternalsChanged(RuntimeError):
+    """A private attribute that ``_lightning_compat`` relies on is gone or behaves otherwise."""
+
+
+def changed(attribute: str, library: str) -> InternalsChanged:
+    """The error for ``attribute`` of ``library``: names it, the installed version and the checked one."""
+    return InternalsChanged(f"{attribute} is gone or changed in {library} {version(library)} (the workaround was "
+                            f"checked with {CHECKED[library]}); adapt htc_lightning/_lightning_compat.py")
+
+
+def built_by_lightning_cli() -> bool:
+    """True while ``LightningCLI`` instantiates the module that calls this (from its ``__init__``).
+
+    Relies on ``pytorch_lightning.core.mixins.hparams_mixin._given_hyperparameters``, the ContextVar through which
+    the CLI hands its parsed config to ``save_hyperparameters`` (set only while the CLI builds the model or the
+    datamodule). Then the hparams hold the detector as its config (``class_path``/``init_args``), which lets
+    ``test/predict --ckpt_path`` rebuild it; from Python they would hold the ``nn.Module`` itself, which must be
+    ignored instead. No public API says which case applies. Checked: pytorch-lightning 2.6.6.
+    """
+    try:
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:
+        raise changed("pytorch_lightning.core.mixins.hparams_mixin._given_hyperparameters",
+                      "pytorch-lightning") from None
+    return _given_hyperparameters.get() is not None
+
+
+def uses_distributed_sampler(trainer: Any) -> bool:
+    """The ``use_distributed_sampler`` flag the ``trainer`` was created with.
+
+    Relies on ``trainer._accelerator_connector.use_distributed_sampler``: the Trainer keeps the flag only there
+    and exposes no public property for it. ``CocoDataModule`` shards its batches itself and must tell the user to
+    switch it off rather than let Lightning replace its batch sampler. Checked: pytorch-lightning 2.6.6.
+    """
+    try:
+        return bool(trainer._accelerator_connector.use_distributed_sampler)
+    except AttributeError:
+        raise changed("Trainer._accelerator_connector.use_distributed_sampler", "pytorch-lightning") from None
+
+
+def drop_instantiation_link(parser: Any, target: str) -> None:
+    """Remove the ``link_arguments`` link whose target is ``target`` from ``parser``.
+
+    Relies on ``parser._links_group._group_actions``, the list jsonargparse reads its links from (each an
+    ``ActionLink`` whose ``target[0]`` is the target key); jsonargparse has no public way to remove a link. A
+    link into an optional part that a config sets to None (``roi_head: null`` for GA-RPN alone) cannot apply:
+    jsonargparse skips setting it but still reports it as applied, and LightningCLI's model instantiator then
+    writes the value into the hparams through the None (``_set_dict_nested``: TypeError). So the CLI drops the
+    link for such a config. Checked: jsonargparse 4.53.0 with pytorch-lightning 2.6.6.
+    """
+    try:
+        actions = parser._links_group._group_actions
+    except AttributeError:
+        raise changed("ArgumentParser._links_group._group_actions", "jsonargparse") from None
+    actions[:] = [a for a in actions if getattr(a, "target", (None,))[0] != target]
+
+
+def apply_ckpt_hparams_with_own_method(cli_class: CLI) -> CLI:
+    """Class decorator: ``--ckpt_path``'s hyper-parameters are applied by ``cli_class.apply_ckpt_hparams()``.
+
+    Relies on ``LightningCLI._parse_ckpt_path``, which ``LightningCLI.__init__`` calls right after parsing and
+    before ``before_instantiate_classes``; it applies every hyper-parameter stored in the checkpoint over the
+    config, and no public hook or flag replaces it or turns it off. Our method takes only some of them (see
+    ``HTCLightningCLI.apply_ckpt_hparams``). Checked: pytorch-lightning 2.6.6.
+    """
+    from pytorch_lightning.cli import LightningCLI
+
+    if not callable(getattr(LightningCLI, "_parse_ckpt_path", None)):
+        raise changed("LightningCLI._parse_ckpt_path", "pytorch-lightning")
+    own = getattr(cli_class, "apply_ckpt_hparams", None)
+    if not callable(own):
+        raise TypeError(f"{cli_class.__qualname__} has no apply_ckpt_hparams() method to apply --ckpt_path with")
+    cli_class._parse_ckpt_path = own
+    return cli_class
