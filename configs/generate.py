@@ -85,7 +85,7 @@ def config(comment: str, bb: dict, rpn: dict, roi: dict | None, *, epochs: int =
         "seed_everything": 0,
         "trainer": {"max_epochs": epochs, "precision": "32-true", "default_root_dir": f"outputs/{name}",
                     "gradient_clip_val": clip, "log_every_n_steps": 50},
-        "model": {"class_path": f"{PKG}.module.HTCModule",
+        "model": {"class_path": f"{PKG}.module.DetectionModule",
                   "init_args": {"lr": 0.02, "base_batch_size": 16, "max_epochs_schedule": list(steps),
                                 **(module_extra or {}), "detector": det}},
         "data": {"class_path": f"{PKG}.data.datamodule.CocoDataModule", "init_args": data},
