@@ -93,3 +93,44 @@ def apply_ckpt_hparams_with_own_method(cli_class: CLI) -> CLI:
         raise TypeError(f"{cli_class.__qualname__} has no apply_ckpt_hparams() method to apply --ckpt_path with")
     cli_class._parse_ckpt_path = own
     return cli_class
+
+
+def cluster_environment(trainer: Any) -> Any:
+    """The cluster environment (``SLURMEnvironment``, ``LightningEnvironment``, ...) the ``trainer`` runs under.
+
+    Relies on ``trainer._accelerator_connector.cluster_environment``: ``trainer.strategy.cluster_environment`` is
+    public but exists only on parallel strategies, and a single-device SLURM job must still see its requeue
+    signal. Checked: pytorch-lightning 2.6.6.
+    """
+    try:
+        return trainer._accelerator_connector.cluster_environment
+    except AttributeError:
+        raise changed("Trainer._accelerator_connector.cluster_environment", "pytorch-lightning") from None
+
+
+def run_slurm_requeue(trainer: Any, signum: int) -> None:
+    """Lightning's own SLURM requeue routine (HPC checkpoint on every rank, ``scontrol requeue`` on rank 0).
+
+    Relies on ``trainer._signal_connector._slurm_sigusr_handler_fn``, the handler Lightning installs for the
+    requeue signal; ``SigtermCheckpoint`` calls it at a step every rank reaches together instead of inside the
+    signal handler (where its barrier can deadlock under DDP). Checked: pytorch-lightning 2.6.6.
+    """
+    try:
+        handler = trainer._signal_connector._slurm_sigusr_handler_fn
+    except AttributeError:
+        raise changed("Trainer._signal_connector._slurm_sigusr_handler_fn", "pytorch-lightning") from None
+    handler(signum, None)
+
+
+def stop_as_on_sigterm(trainer: Any) -> None:
+    """Make the ``trainer`` stop as after a SIGTERM: its loops raise ``SIGTERMException`` right after the current
+    ``on_train_batch_end``.
+
+    Relies on ``trainer._signal_connector.received_sigterm``, the flag behind the public read-only
+    ``trainer.received_sigterm`` that the loops check; ``SigtermCheckpoint`` sets it on every rank at the same
+    step. Checked: pytorch-lightning 2.6.6.
+    """
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(connector, "received_sigterm"):
+        raise changed("Trainer._signal_connector.received_sigterm", "pytorch-lightning")
+    connector.received_sigterm = True

@@ -17,7 +17,10 @@ from htc_lightning._lightning_compat import (
     InternalsChanged,
     apply_ckpt_hparams_with_own_method,
     built_by_lightning_cli,
+    cluster_environment,
     drop_instantiation_link,
+    run_slurm_requeue,
+    stop_as_on_sigterm,
     uses_distributed_sampler,
 )
 
@@ -147,3 +150,30 @@ def test_lightning_cli_calls_the_ckpt_path_hook_once_between_parsing_and_instant
     assert calls == ["parse_arguments", "apply_ckpt_hparams", "before_instantiate_classes"], (
         f"{LIGHTNING}: LightningCLI.__init__ no longer calls _parse_ckpt_path once between parse_arguments and "
         f"before_instantiate_classes (calls: {calls})")
+
+
+def test_cluster_environment_is_the_one_the_trainer_was_built_with():
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    env = SLURMEnvironment(auto_requeue=True)
+    trainer = pl.Trainer(plugins=[env], **QUIET_TRAINER)
+    assert cluster_environment(trainer) is env, (
+        f"{LIGHTNING}: Trainer._accelerator_connector.cluster_environment is not the plugin the Trainer was given")
+
+
+def test_stop_as_on_sigterm_sets_the_flag_behind_trainer_received_sigterm():
+    trainer = pl.Trainer(**QUIET_TRAINER)
+    assert not trainer.received_sigterm
+    stop_as_on_sigterm(trainer)
+    assert trainer.received_sigterm, (
+        f"{LIGHTNING}: Trainer._signal_connector.received_sigterm no longer backs trainer.received_sigterm")
+
+
+def test_run_slurm_requeue_calls_lightnings_requeue_handler(monkeypatch):
+    trainer = pl.Trainer(**QUIET_TRAINER)
+    calls = []
+    assert callable(getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)), (
+        f"{LIGHTNING}: Trainer._signal_connector._slurm_sigusr_handler_fn is gone")
+    monkeypatch.setattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", lambda s, f: calls.append((s, f)))
+    run_slurm_requeue(trainer, 10)
+    assert calls == [(10, None)]

@@ -24,13 +24,15 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from .._lightning_compat import cluster_environment, run_slurm_requeue, stop_as_on_sigterm
+
 # What a preempted CLI run exits with: the shell's convention for "terminated by SIGTERM".
 SIGTERM_EXIT_CODE = 128 + int(signal.SIGTERM)
 
 
 def requeue_signal(trainer: pl.Trainer) -> int | None:
     """The signal SLURM sends before the time limit when Lightning's auto-requeue is on, else None."""
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
         return int(environment.requeue_signal or signal.SIGUSR1)
     return None
@@ -94,11 +96,11 @@ class SigtermCheckpoint(Callback):
             self._received.pop(self._requeue_signum, None)
             # Lightning's own requeue routine (HPC checkpoint on all ranks, scontrol on rank 0), now at a
             # point every rank reaches together instead of inside the signal handler.
-            trainer._signal_connector._slurm_sigusr_handler_fn(self._requeue_signum, None)
+            run_slurm_requeue(trainer, self._requeue_signum)
         if term and not trainer.received_sigterm:
             rank_zero_info(f"SIGTERM: every rank stops after step {trainer.global_step}")
             # the flag Lightning's loops check right after this hook: every rank raises SIGTERMException there
-            trainer._signal_connector.received_sigterm = True
+            stop_as_on_sigterm(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
