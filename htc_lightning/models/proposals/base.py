@@ -25,6 +25,11 @@ class ProposalGenerator(Protocol):
 
     def proposals(self, raw: Any, img_sizes: list[tuple[int, int]]) -> list[Tensor]: ...
 
+    def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
+        """Test-time augmentation: several views' (N_v, 5) test proposals of one image, mapped into one frame,
+        merged with the generator's own test NMS settings (``postprocess.merge_view_proposals``)."""
+        ...
+
     def keep_all_samples(self) -> None: ...
 
 
