@@ -22,7 +22,7 @@ order, so that ``resized = original * scale_factor`` per axis. Boxes live in one
 ``scales``) are (long edge, short edge) pairs, a third order, because they bound edges, not axes.
 """
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from torch import Tensor
 
@@ -43,7 +43,7 @@ def image_name(meta: ImageMeta) -> str:
     return f"image {' '.join(parts)}" if parts else "an image without image_id/file_name"
 
 
-def require(meta: ImageMeta, field: str, why: str) -> object:
+def require(meta: ImageMeta, field: str, why: str) -> Any:
     """``meta[field]``, or a ValueError naming the image, the field and what needs it."""
     if field not in meta or meta[field] is None:
         raise ValueError(f"{image_name(meta)}: its meta has no {field!r}, which {why} (meta keys: {sorted(meta)})")
