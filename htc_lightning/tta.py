@@ -3,18 +3,19 @@
 
 One image at a time, for every view (scale x flip):
 
-1. proposals: the RPN's test proposals of each view, mapped back, concatenated, class-agnostic NMS at the
-   RPN's ``nms_iou`` and the best ``test_max_per_img`` kept (mmdet's ``merge_aug_proposals``);
+1. proposals: the RPN's test proposals of each view, mapped back and merged by the proposal generator's
+   ``merge_proposals`` (mmdet's ``merge_aug_proposals``: class-agnostic NMS at its test settings);
 2. boxes: the merged proposals mapped into each view, run through the cascade (``refine_and_score``),
    mapped back; boxes and class scores averaged over the views (row i is proposal i in every view), then
-   the RoI head's own ``multiclass_nms`` (hard or Soft-NMS, per its ``nms_type``);
+   the RoI head's own ``postprocess_boxes`` (the NMS and rescale rule of ``predict``);
 3. masks: the final boxes mapped into each view, the mask heads' probabilities un-flipped and averaged,
-   each detection's class channel pasted into the original image.
+   then the RoI head's ``postprocess_masks`` (rescale and pasting into the original image, as ``predict``).
 
 Frames. mmdet merges in the original image's frame; we merge in the frame of the batch image (the test
-scale), which is the original frame times the batch's ``scale_factor``. Averaging is linear and IoU is
-scale-invariant, so the results are mmdet's up to float rounding, and a view at the batch's own size maps
-with a factor of exactly 1: one such view without flip reproduces ``Detector.predict`` bit for bit.
+scale: ``structures``' resized frame), which is the original frame times the batch's ``scale_factor``.
+Averaging is linear and IoU is scale-invariant, so the results are mmdet's up to float rounding, and a view at
+the batch's own size maps with a factor of exactly 1: one such view without flip reproduces
+``Detector.predict`` bit for bit.
 """
 from __future__ import annotations
 
@@ -24,22 +25,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from .data.transforms import rescale_size
 from .models.detector import proposals_to_detections
-from .models.layers.masks import paste_masks
-from .models.layers.nms import multiclass_nms
 from .models.roi_heads.htc import boxes_to_rois
-from .structures import Detections, ImageMeta
+from .structures import Detections, ImageMeta, require, scale_boxes, scale_factor_of
 
-# The 2018 entry's test scales as (short, long) edges, mmdet's img_scale order does not matter here.
-ENTRY2018_SCALES: tuple[tuple[int, int], ...] = ((600, 900), (800, 1200), (1000, 1500), (1200, 1800), (1400, 2100))
+# The 2018 entry's test scales as (long, short) edges, the datamodule's ``test_scale`` order.
+ENTRY2018_SCALES: tuple[tuple[int, int], ...] = ((900, 600), (1200, 800), (1500, 1000), (1800, 1200), (2100, 1400))
 
 
 @dataclass(frozen=True)
 class View:
-    """One augmentation of an image. ``factor`` (fx, fy) maps the reference frame (the batch image's) into this
+    """One augmentation of an image. ``factor`` (x, y) maps the reference frame (the batch image's) into this
     view before any flip; ``size`` is the view's (h, w) before padding, whose width mirrors flipped boxes."""
 
     size: tuple[int, int]
@@ -62,8 +60,7 @@ def flip_boxes(boxes: Tensor, width: float) -> Tensor:
 
 def boxes_to_view(boxes: Tensor, view: View) -> Tensor:
     """Reference-frame xyxy boxes (..., 4) -> the view's frame: scale, then flip (mmdet's ``bbox_mapping``)."""
-    fx, fy = view.factor
-    out = boxes * boxes.new_tensor([fx, fy, fx, fy])
+    out = scale_boxes(boxes, view.factor)
     return flip_boxes(out, view.size[1]) if view.flip else out
 
 
@@ -71,19 +68,7 @@ def boxes_from_view(boxes: Tensor, view: View) -> Tensor:
     """The view's xyxy boxes (..., 4) -> reference frame: un-flip, then unscale (``bbox_mapping_back``)."""
     if view.flip:
         boxes = flip_boxes(boxes, view.size[1])
-    fx, fy = view.factor
-    return boxes / boxes.new_tensor([fx, fy, fx, fy])
-
-
-def merge_proposals(proposals: Sequence[Tensor], iou_threshold: float, max_num: int) -> Tensor:
-    """Per-view (N_v, 5) proposals already in one frame -> class-agnostic NMS, the best ``max_num`` by score
-    (mmdet's ``merge_aug_proposals``). A single view is returned as is: mmdet 2.x sends a one-view test
-    through plain inference, whose RPN proposals are NMSed per level only."""
-    if len(proposals) == 1:
-        return proposals[0]
-    merged = torch.cat(list(proposals))
-    keep = nms(merged[:, :4].float(), merged[:, 4].float(), float(iou_threshold))  # by decreasing score
-    return merged[keep[:max_num]]
+    return scale_boxes(boxes, view.factor, inverse=True)
 
 
 @dataclass
@@ -97,7 +82,8 @@ class ViewRun:
 
 class TestTimeAugmentation:
     """Args:
-        scales: test scales as (short, long) or (long, short) edge pairs; each view is resized from the
+        scales: test scales as (long edge, short edge) pairs, the datamodule's ``test_scale`` order (a pair
+            whose first edge is the shorter is an error, not silently swapped); each view is resized from the
             original size keeping the ratio (mmcv's ``imrescale``: factor ``min(long / max(h, w), short /
             min(h, w))``, sizes ``int(x * factor + 0.5)``). Default: the COCO 2018 entry's five scales.
         flip: add the horizontally flipped image at every scale.
@@ -114,6 +100,10 @@ class TestTimeAugmentation:
         bad = [s for s in scales if len(s) != 2 or min(s) <= 0]
         if bad:
             raise ValueError(f"TestTimeAugmentation: scales {bad} are not pairs of positive edge lengths")
+        swapped = [s for s in scales if s[0] < s[1]]
+        if swapped:
+            raise ValueError(f"TestTimeAugmentation: scales {swapped} are (short, long); give (long, short) edges, "
+                             "as the datamodule's test_scale, e.g. [1333, 800]")
         if size_divisor < 1:
             raise ValueError(f"TestTimeAugmentation: size_divisor must be >= 1, got {size_divisor}")
         self.scales = scales
@@ -126,12 +116,10 @@ class TestTimeAugmentation:
     # ---- views ----------------------------------------------------------------------------------------------
     def views(self, meta: ImageMeta) -> list[View]:
         """Scale after scale, each unflipped then flipped (mmdet's ``MultiScaleFlipAug`` order)."""
-        if "orig_size" not in meta or "img_size" not in meta:
-            raise ValueError(f"TestTimeAugmentation: image {meta.get('image_id')} has no orig_size/img_size in "
-                             "its meta; the views are sized from the original image")
-        orig_h, orig_w = (int(v) for v in meta["orig_size"])
-        ref_size = tuple(int(v) for v in meta["img_size"])
-        sx, sy = meta.get("scale_factor", (1.0, 1.0))
+        why = "TestTimeAugmentation sizes the views from the original image"
+        orig_h, orig_w = (int(v) for v in require(meta, "orig_size", why))
+        ref_size = tuple(int(v) for v in require(meta, "img_size", why))
+        sx, sy = scale_factor_of(meta)
         out = []
         for scale in self.scales:
             size = rescale_size(orig_h, orig_w, scale)
@@ -169,8 +157,7 @@ class TestTimeAugmentation:
         """One batch image (3, Hp, Wp) with its meta -> its merged detections in the original frame."""
         views = self.views(meta)
         runs = [self.run_view(detector, image, meta, v) for v in views]
-        rpn = detector.rpn_head
-        proposals = merge_proposals([r.proposals for r in runs], rpn.nms_iou, rpn.test_max_per_img)
+        proposals = detector.rpn_head.merge_proposals([r.proposals for r in runs])
         if detector.roi_head is None:
             return proposals_to_detections(proposals, meta)
         return self._detect(detector.roi_head, views, runs, proposals, meta)
@@ -188,44 +175,28 @@ class TestTimeAugmentation:
 
     def _detect(self, head: nn.Module, views: list[View], runs: list[ViewRun], proposals: Tensor,
                 meta: ImageMeta) -> Detections:
-        device = runs[0].feats[0].device
-        orig_h, orig_w = (int(v) for v in meta["orig_size"])
-        sx, sy = meta.get("scale_factor", (1.0, 1.0))
-        proposals = proposals.to(device)
+        proposals = proposals.to(runs[0].feats[0].device)
         if proposals.shape[0] == 0:
-            empty = proposals.new_zeros(0, 4)
-            masks = torch.zeros(0, orig_h, orig_w, dtype=torch.bool, device=device) if head.with_mask else None
-            return Detections(empty, proposals.new_zeros(0), torch.zeros(0, dtype=torch.long, device=device), masks)
-
-        all_scores, all_boxes = [], []
-        for view, run in zip(views, runs):
-            rois = boxes_to_rois([boxes_to_view(proposals[:, :4], view)])
-            scores, boxes = head.refine_and_score(run.feats, rois, [view.size], run.semantic_feat)
-            all_scores.append(scores)
-            all_boxes.append(boxes_from_view(boxes, view))
-        scores = torch.stack(all_scores).mean(0)[:, :-1]
-        boxes = torch.stack(all_boxes).mean(0)
-        to_orig = boxes.new_tensor([sx, sy, sx, sy])
+            scores, boxes = proposals.new_zeros(0, head.num_classes + 1), proposals.new_zeros(0, 4)
+        else:
+            all_scores, all_boxes = [], []
+            for view, run in zip(views, runs):
+                rois = boxes_to_rois([boxes_to_view(proposals[:, :4], view)])
+                scores, boxes = head.refine_and_score(run.feats, rois, [view.size], run.semantic_feat)
+                all_scores.append(scores)
+                all_boxes.append(boxes_from_view(boxes, view))
+            scores, boxes = torch.stack(all_scores).mean(0), torch.stack(all_boxes).mean(0)
+        dets = head.postprocess_boxes(scores, boxes, meta)
         if not head.with_mask:
-            # as HTCRoIHead.predict: a box-only head suppresses in the original frame
-            boxes = boxes / to_orig
-        det_boxes, det_scores, det_labels, _ = multiclass_nms(
-            boxes, scores, head.score_thr, head.nms_iou, head.max_per_img, head.nms_type, head.soft_nms_sigma,
-            head.soft_nms_min_score)
-        if not head.with_mask:
-            return Detections(det_boxes, det_scores, det_labels)
-
-        final_boxes = det_boxes / to_orig
-        if det_boxes.shape[0] == 0:
-            return Detections(final_boxes, det_scores, det_labels,
-                              torch.zeros(0, orig_h, orig_w, dtype=torch.bool, device=device))
-        # mask_probs already merges the stages (mean or last, per mask_merge); with the same number of stages in
-        # every view, the mean over views of the stage means is mmdet 2.x's mean over views x stages
-        probs = []
-        for view, run in zip(views, runs):
-            rois = boxes_to_rois([boxes_to_view(det_boxes, view)])
-            p = head.mask_probs(run.feats, rois, run.semantic_feat, det_labels)
-            probs.append(p.flip(-1) if view.flip else p)
-        probs = torch.stack(probs).mean(0)
-        masks = paste_masks(probs, final_boxes, orig_h, orig_w, threshold=head.mask_thr)
-        return Detections(final_boxes, det_scores, det_labels, masks)
+            return dets
+        probs = None
+        if len(dets):
+            # mask_probs already merges the stages (mean or last, per mask_merge); with the same number of stages
+            # in every view, the mean over views of the stage means is mmdet 2.x's mean over views x stages
+            per_view = []
+            for view, run in zip(views, runs):
+                rois = boxes_to_rois([boxes_to_view(dets.boxes, view)])
+                p = head.mask_probs(run.feats, rois, run.semantic_feat, dets.labels)
+                per_view.append(p.flip(-1) if view.flip else p)
+            probs = torch.stack(per_view).mean(0)
+        return head.postprocess_masks(dets, probs, meta)

@@ -195,6 +195,28 @@ def test_test_time_outputs_are_zero_where_the_location_is_filtered():
     assert torch.all(reg[0][dropped.expand_as(reg[0])] == 0)
 
 
+def test_location_filter_keeps_locations_reaching_the_threshold_at_test_time_and_all_in_training():
+    head = GARPN(8, 8, loc_filter_thr=0.5)
+    logits = torch.tensor([[-3.0, 0.0, 2.0]])  # sigmoid 0.047, 0.5, 0.88
+    assert head.eval().location_mask(logits).tolist() == [[False, True, True]]
+    assert head.train().location_mask(logits).tolist() == [[True, True, True]]
+
+
+def test_test_time_proposals_come_only_from_the_locations_the_filter_keeps():
+    torch.manual_seed(3)
+    head = GARPN(8, 8, test_nms_pre=-1, test_nms_post=10_000, test_max_per_img=10_000, min_bbox_size=-1.0,
+                 nms_iou=1.0).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        head.conv_loc.bias.fill_(-4.0)
+    raw = head(tiny_feats())
+    kept = sum(int(head.location_mask(loc[0]).sum()) for loc in raw[3])
+    assert 0 < kept < sum(loc[0].numel() for loc in raw[3])
+    # nothing is suppressed or cut here: one proposal per kept location
+    assert len(head.proposals(raw, [(64, 64)])[0]) == kept
+
+
 @pytest.mark.parametrize("invert", [False, True])
 def test_location_bias_starts_at_the_001_prior_in_both_target_modes(invert):
     head = GARPN(8, 8, invert_loc_targets=invert)

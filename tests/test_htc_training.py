@@ -39,7 +39,8 @@ def make_target(boxes: torch.Tensor = GT, size: int = 64) -> dict:
     semantic[size // 2:] = 4
     return {"boxes": boxes, "labels": torch.arange(len(boxes)) % NUM_CLASSES, "masks": masks, "semantic": semantic,
             "crowd_boxes": torch.zeros(0, 4),
-            "meta": {"orig_size": (size, size), "img_size": (size, size), "scale_factor": (1.0, 1.0)}}
+            "meta": {"orig_size": (size, size), "img_size": (size, size), "pad_size": (size, size),
+                     "scale_factor": (1.0, 1.0)}}
 
 
 def make_proposals() -> torch.Tensor:

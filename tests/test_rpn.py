@@ -14,7 +14,6 @@ from _proposal_helpers import (
 )
 
 from htc_lightning.models.proposals import RPN
-from htc_lightning.models.proposals.rpn import nms_per_level
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rpn"
 RPN_DUMPS = ["tiny_cascade_s0", "tiny_cascade_s1", "tiny_htc_s0", "tiny_htc_s3", "tiny_htc_nosem_s0"]
@@ -57,19 +56,6 @@ def test_proposals_are_detached_and_capped_by_max_per_img():
     assert props.shape == (7, 5)
     assert not props.requires_grad
     assert torch.all(props[:-1, 4] >= props[1:, 4])
-
-
-def test_degenerate_boxes_are_dropped_with_min_bbox_size_zero():
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.0, 20.0], [30.0, 30.0, 40.0, 40.0]])
-    out = nms_per_level(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long), 0.0, 0.7, 10)
-    torch.testing.assert_close(out[:, :4], boxes[[0, 2]])
-
-
-def test_nms_runs_per_level():
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
-    same_level = nms_per_level(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 0]), 0.0, 0.7, 10)
-    two_levels = nms_per_level(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.0, 0.7, 10)
-    assert len(same_level) == 1 and len(two_levels) == 2
 
 
 def test_batch_gives_each_image_its_own_proposals():

@@ -16,6 +16,7 @@ from htc_lightning.models.backbones import TimmBackbone
 from htc_lightning.models.detector import Detector
 from htc_lightning.models.layers.nms import multiclass_nms
 from htc_lightning.models.necks.fpn import FPN
+from htc_lightning.models.proposals.postprocess import merge_view_proposals
 from htc_lightning.models.proposals.rpn import RPN
 from htc_lightning.models.roi_heads import FCNMaskHead, Shared2FCBBoxHead
 from htc_lightning.models.roi_heads.htc import HTCRoIHead
@@ -27,7 +28,6 @@ from htc_lightning.tta import (
     boxes_from_view,
     boxes_to_view,
     flip_boxes,
-    merge_proposals,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,11 +116,11 @@ def test_class_specific_boxes_map_per_class():
 
 # ---- views ---------------------------------------------------------------------------------------------------
 def test_views_follow_mmcv_rescale_from_the_original_size_scale_by_scale_unflipped_then_flipped():
-    tta = TestTimeAugmentation(scales=[(600, 900), (1400, 2100)], flip=True)
+    tta = TestTimeAugmentation(scales=[(900, 600), (2100, 1400)], flip=True)
     meta = {"orig_size": (480, 640), "img_size": (800, 1067), "scale_factor": (1067 / 640, 800 / 480)}
     views = tta.views(meta)
-    # 480 x 640 in (600, 900): factor min(900 / 640, 600 / 480) = 1.25 -> 600 x 800
-    # in (1400, 2100): min(2100 / 640, 1400 / 480) = 2.9167 -> int(x * f + 0.5) = 1400 x 1867
+    # 480 x 640 in (900, 600): factor min(900 / 640, 600 / 480) = 1.25 -> 600 x 800
+    # in (2100, 1400): min(2100 / 640, 1400 / 480) = 2.9167 -> int(x * f + 0.5) = 1400 x 1867
     assert [(v.size, v.flip) for v in views] == [((600, 800), False), ((600, 800), True),
                                                  ((1400, 1867), False), ((1400, 1867), True)]
     fx, fy = views[0].factor
@@ -128,7 +128,7 @@ def test_views_follow_mmcv_rescale_from_the_original_size_scale_by_scale_unflipp
 
 
 def test_view_at_the_batch_size_is_the_batch_image_itself_and_others_are_resized_flipped_and_padded():
-    tta = TestTimeAugmentation(scales=[(96, 64), (60, 90)], flip=True)
+    tta = TestTimeAugmentation(scales=[(96, 64), (90, 60)], flip=True)
     img = torch.zeros(3, 64, 128)  # batch padded wider than this image
     img[:, :, :96] = image()
     same, same_flipped, small, small_flipped = tta.views(META)
@@ -152,19 +152,44 @@ def test_bad_scales_are_rejected():
         TestTimeAugmentation(scales=[(0, 100)])
 
 
+def test_scales_are_long_short_as_the_datamodules_and_a_short_long_pair_is_an_error():
+    assert TestTimeAugmentation(scales=[(1333, 800), (800, 800)]).scales == [(1333, 800), (800, 800)]
+    with pytest.raises(ValueError, match=r"\[\(600, 900\)\] are \(short, long\)"):
+        TestTimeAugmentation(scales=[(900, 600), (600, 900)])
+
+
+def test_views_need_the_scale_factor_and_say_which_image_lacks_it():
+    meta = {k: v for k, v in META.items() if k != "scale_factor"}
+    with pytest.raises(ValueError, match="image 7: .*'scale_factor'"):
+        TestTimeAugmentation(scales=[(96, 64)]).views(meta)
+
+
 # ---- proposal merging ----------------------------------------------------------------------------------------
 def test_merging_proposals_suppresses_overlaps_across_views_and_keeps_the_best():
     view_a = torch.tensor([[0.0, 0.0, 10.0, 10.0, 0.9], [50.0, 50.0, 60.0, 60.0, 0.3]])
     view_b = torch.tensor([[0.5, 0.0, 10.0, 10.0, 0.95], [20.0, 20.0, 30.0, 30.0, 0.5]])
-    merged = merge_proposals([view_a, view_b], iou_threshold=0.7, max_num=10)
+    merged = merge_view_proposals([view_a, view_b], iou_threshold=0.7, max_num=10)
     assert merged[:, 4].tolist() == pytest.approx([0.95, 0.5, 0.3])
-    assert merge_proposals([view_a, view_b], 0.7, max_num=2)[:, 4].tolist() == pytest.approx([0.95, 0.5])
+    assert merge_view_proposals([view_a, view_b], 0.7, max_num=2)[:, 4].tolist() == pytest.approx([0.95, 0.5])
+
+
+def test_the_views_proposals_are_merged_by_the_proposal_generators_own_merge(monkeypatch):
+    detector = tiny_detector(roi_head=False)
+    calls = []
+
+    def recording_merge(proposals):
+        calls.append(len(proposals))
+        return merge_view_proposals(proposals, 0.7, 3)
+
+    monkeypatch.setattr(detector.rpn_head, "merge_proposals", recording_merge)
+    dets = TestTimeAugmentation(scales=[(96, 64)], flip=True).predict(detector, image()[None], [META])[0]
+    assert calls == [2] and len(dets) == 3
 
 
 def test_a_single_view_keeps_its_proposals_untouched():
     # overlapping proposals of two FPN levels survive the RPN's per-level NMS: one view is plain inference
     props = torch.tensor([[0.0, 0.0, 10.0, 10.0, 0.9], [0.0, 0.0, 10.0, 10.5, 0.8]])
-    assert torch.equal(merge_proposals([props], 0.7, 1000), props)
+    assert torch.equal(merge_view_proposals([props], 0.7, 1000), props)
 
 
 # ---- whole detector ------------------------------------------------------------------------------------------
@@ -185,7 +210,7 @@ def test_proposal_only_detector_merges_proposals_only():
     plain = detector.predict(images, [META])[0]
     assert_same_detections(TestTimeAugmentation(scales=[(96, 64)], flip=False).predict(detector, images,
                                                                                             [META])[0], plain)
-    merged = TestTimeAugmentation(scales=[(96, 64), (120, 180)], flip=True).predict(detector, images, [META])[0]
+    merged = TestTimeAugmentation(scales=[(96, 64), (180, 120)], flip=True).predict(detector, images, [META])[0]
     assert 0 < len(merged) <= detector.rpn_head.test_max_per_img
     assert (merged.labels == 0).all() and bool((merged.scores[:-1] >= merged.scores[1:]).all())
     # proposals of every view come back in the original frame (a 60 x 90 image), none left at view scale
@@ -198,7 +223,7 @@ def test_flip_tta_of_a_mirrored_image_is_the_mirror_of_flip_tta_of_the_image():
     # roles swapped, so its merged detections are the mirror of the image's, up to the float rounding of
     # x -> W - x. This checks the proposal, box and mask un-flipping end to end.
     detector = tiny_detector()
-    tta = TestTimeAugmentation(scales=[(96, 64), (120, 180)], flip=True)
+    tta = TestTimeAugmentation(scales=[(96, 64), (180, 120)], flip=True)
     img = image(3)
     dets = tta.predict(detector, img[None], [META])[0]
     dets_mirrored = tta.predict(detector, img.flip(-1)[None], [META])[0]
@@ -225,7 +250,7 @@ def test_flip_view_is_inference_on_the_mirrored_image_mapped_back():
 
 def test_soft_nms_of_the_roi_head_is_used_under_tta():
     soft = tiny_detector(nms_type="soft_nms_linear", nms_iou=0.3)
-    tta = TestTimeAugmentation(scales=[(96, 64), (120, 180)], flip=True)
+    tta = TestTimeAugmentation(scales=[(96, 64), (180, 120)], flip=True)
     images = image()[None]
     dets = tta.predict(soft, images, [META])[0]
     hard = tiny_detector(nms_type="nms", nms_iou=0.3)  # same seed, same weights
@@ -246,7 +271,7 @@ def test_soft_nms_under_tta_equals_soft_nms_on_the_merged_boxes():
     with torch.no_grad():
         views = tta.views(META)
         runs = [tta.run_view(detector, images[0], META, v) for v in views]
-        proposals = merge_proposals([r.proposals for r in runs], 0.7, 50)
+        proposals = detector.rpn_head.merge_proposals([r.proposals for r in runs])
         outs = [head.refine_and_score(r.feats, torch.cat([proposals.new_zeros(len(proposals), 1),
                                                            boxes_to_view(proposals[:, :4], v)], 1),
                                       [v.size], r.semantic_feat) for v, r in zip(views, runs)]
@@ -303,8 +328,8 @@ def test_cli_test_of_a_checkpoint_uses_the_tta_given_at_test_time(tmp_path):
     assert "tta" not in torch.load(ckpt, weights_only=False)["hyper_parameters"]
     DelegatingTTA.calls = []
     cli = HTCLightningCLI(args=["test", "--config", config, "--ckpt_path", str(ckpt),
-                                "--model.tta", "test_tta.DelegatingTTA", "--model.tta.scales", "[[600, 900]]"])
-    assert isinstance(cli.model.tta, DelegatingTTA) and cli.model.tta.scales == [(600, 900)]
+                                "--model.tta", "test_tta.DelegatingTTA", "--model.tta.scales", "[[900, 600]]"])
+    assert isinstance(cli.model.tta, DelegatingTTA) and cli.model.tta.scales == [(900, 600)]
     assert DelegatingTTA.calls == [2, 2]  # the four validation images, two per batch
 
 

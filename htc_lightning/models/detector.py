@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from ..structures import Detections, ImageMeta
+from ..structures import Detections, ImageMeta, to_original_frame
 from .proposals.base import ProposalGenerator
 
 
@@ -100,7 +100,5 @@ class Detector(nn.Module):
 
 def proposals_to_detections(proposals: Tensor, meta: ImageMeta) -> Detections:
     """Proposals (N, 5) in the resized frame -> class-0 detections in the original frame."""
-    sx, sy = meta.get("scale_factor", (1.0, 1.0))
-    boxes = proposals[:, :4] / proposals.new_tensor([sx, sy, sx, sy])
-    return Detections(boxes, proposals[:, 4], torch.zeros(len(proposals), dtype=torch.long,
-                                                          device=proposals.device))
+    return Detections(to_original_frame(proposals[:, :4], meta), proposals[:, 4],
+                      torch.zeros(len(proposals), dtype=torch.long, device=proposals.device))

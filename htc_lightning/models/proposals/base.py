@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ... import structures
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
@@ -24,6 +25,11 @@ class ProposalGenerator(Protocol):
 
     def proposals(self, raw: Any, img_sizes: list[tuple[int, int]]) -> list[Tensor]: ...
 
+    def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
+        """Test-time augmentation: several views' (N_v, 5) test proposals of one image, mapped into one frame,
+        merged with the generator's own test NMS settings (``postprocess.merge_view_proposals``)."""
+        ...
+
 
 @dataclass
 class AnchorTargets:
@@ -37,10 +43,14 @@ class AnchorTargets:
 
 
 def pad_size_of(target: dict, img_size: tuple[int, int]) -> tuple[int, int]:
-    """The size the anchors' valid flags are computed against: mmdet uses ``pad_shape``."""
+    """The size the anchors' valid flags are computed against: mmdet uses ``pad_shape``. Required (see
+    ``structures.pad_size_of``); a padded size smaller than the image is a collate bug, named here."""
     meta = target.get("meta") or {}
-    size = meta.get("pad_size")
-    return (int(size[0]), int(size[1])) if size is not None else (int(img_size[0]), int(img_size[1]))
+    pad = structures.pad_size_of(meta)
+    if pad[0] < int(img_size[0]) or pad[1] < int(img_size[1]):
+        raise ValueError(f"{structures.image_name(meta)}: pad_size {pad} is smaller than its img_size "
+                         f"{tuple(int(v) for v in img_size)}")
+    return pad
 
 
 def class_agnostic_gt(target: dict, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
@@ -20,6 +19,7 @@ from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
 from .base import anchor_targets, flatten_levels, objectness_and_delta_losses, pad_size_of
 from .ga_targets import location_targets, shape_targets
+from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
 
 GARaw = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
@@ -120,13 +120,19 @@ class GARPN(nn.Module):
             x = self.feature_adaption(x, shape)
             cls, reg = self.conv_cls(x), self.conv_reg(x)
             if not self.training:  # mmdet's MaskedConv2d: zero outside the kept locations
-                mask = (loc.sigmoid() >= self.loc_filter_thr).to(cls.dtype)
+                mask = self.location_mask(loc).to(cls.dtype)
                 cls, reg = cls * mask, reg * mask
             cls_scores.append(cls)
             bbox_preds.append(reg)
             shape_preds.append(shape)
             loc_preds.append(loc)
         return cls_scores, bbox_preds, shape_preds, loc_preds
+
+    def location_mask(self, loc: Tensor) -> Tensor:
+        """Bool, the shape of the location logits ``loc``: the locations that take part. At test time those whose
+        probability reaches ``loc_filter_thr`` (the paper's location filter), in training all (mmdet's
+        ``use_loc_filter = not training``, and ``sigmoid >= 0.0`` otherwise)."""
+        return loc.detach().sigmoid() >= (0.0 if self.training else self.loc_filter_thr)
 
     def guided_anchors(self, squares: Tensor, shape_pred: Tensor) -> Tensor:
         """Squares (N, 4) scaled by the predicted (dw, dh) of shape (N, 2), centres kept; no gradient."""
@@ -201,24 +207,19 @@ class GARPN(nn.Module):
         for b, img_size in enumerate(img_sizes):
             per_level = []
             for cls, reg, shape, loc, sq in zip(cls_scores, bbox_preds, shape_preds, loc_preds, squares, strict=True):
-                # mmdet filters locations only at test time (use_loc_filter = not training)
-                loc_prob = loc[b, 0].detach().sigmoid().reshape(-1)
-                keep = loc_prob >= (self.loc_filter_thr if not self.training else 0.0)
+                keep = self.location_mask(loc[b, 0]).reshape(-1)
                 if not bool(keep.any()):
                     continue
                 scores = cls[b, 0].detach().reshape(-1)[keep].sigmoid()
                 deltas = reg[b].detach().permute(1, 2, 0).reshape(-1, 4)[keep]
                 anchors = self.guided_anchors(sq[keep], shape[b].detach().permute(1, 2, 0).reshape(-1, 2)[keep])
-                if 0 < nms_pre < scores.shape[0]:
-                    scores, order = scores.topk(nms_pre)
+                # mmdet's GARPNHead takes torch.topk (RPNHead sorts): the same anchors among tied scores
+                scores, order = top_scores(scores, nms_pre, ties="topk")
+                if order is not None:
                     deltas, anchors = deltas[order], anchors[order]
-                boxes = self.box_coder.decode(anchors, deltas, max_shape=img_size)
-                if self.min_bbox_size >= 0:
-                    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-                    big = (w > self.min_bbox_size) & (h > self.min_bbox_size)
-                    boxes, scores = boxes[big], scores[big]
-                kept = nms(boxes, scores, self.nms_iou)[:nms_post]
-                per_level.append(torch.cat([boxes[kept], scores[kept, None]], dim=1))
+                # one level at a time, each NMSed alone and cut to nms_post, as mmdet's GARPNHead
+                per_level.append(decode_and_suppress(self.box_coder, anchors, deltas, scores, img_size,
+                                                     self.min_bbox_size, self.nms_iou, nms_post))
             if not per_level:
                 results.append(cls_scores[0].new_zeros(0, 5))
                 continue
@@ -226,3 +227,8 @@ class GARPN(nn.Module):
             top = props[:, 4].topk(min(max_per_img, props.shape[0])).indices
             results.append(props[top])
         return results
+
+    def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
+        """Several views' test proposals of one image, in one frame -> one set, with this head's test settings
+        (``nms_iou``, ``test_max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from ``rpn.test_cfg``."""
+        return merge_view_proposals(proposals, self.nms_iou, self.test_max_per_img)

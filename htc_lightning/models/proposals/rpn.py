@@ -1,5 +1,6 @@
 """Region Proposal Network (Ren et al. 2015) with mmdetection 3.3.0's ``RPNHead`` behaviour and
 parameter names (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), defaults from the HTC / Cascade configs."""
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -9,9 +10,9 @@ from torch import Tensor, nn
 from ..layers.anchors import AnchorGenerator
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
-from ..layers.nms import batched_nms
 from ..layers.samplers import RandomSampler
 from .base import anchor_targets, objectness_and_delta_losses, pad_size_of
+from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
 
 
 class RPN(nn.Module):
@@ -100,10 +101,9 @@ class RPN(nn.Module):
             scores = cls.detach().permute(0, 2, 3, 1).reshape(num, -1).sigmoid()
             deltas = reg.detach().permute(0, 2, 3, 1).reshape(num, -1, 4)
             anc = anc[None].expand(num, -1, -1)
-            if 0 < nms_pre < scores.shape[1]:
-                # mmdet sorts (not topk): the same order among tied scores
-                scores, order = scores.sort(dim=1, descending=True)
-                scores, order = scores[:, :nms_pre], order[:, :nms_pre]
+            # mmdet's RPNHead sorts (not topk): the same anchors kept and ordered among tied scores
+            scores, order = top_scores(scores, nms_pre, ties="sort")
+            if order is not None:
                 deltas = torch.gather(deltas, 1, order[..., None].expand(-1, -1, 4))
                 anc = torch.gather(anc, 1, order[..., None].expand(-1, -1, 4))
             level_scores.append(scores)
@@ -112,24 +112,11 @@ class RPN(nn.Module):
             level_ids.append(torch.full((scores.shape[1],), level, dtype=torch.long, device=scores.device))
         scores, deltas, anchors = torch.cat(level_scores, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors, 1)
         level_ids = torch.cat(level_ids)
-        results = []
-        for b, img_size in enumerate(img_sizes):
-            boxes = self.box_coder.decode(anchors[b], deltas[b], max_shape=img_size)
-            results.append(nms_per_level(boxes, scores[b], level_ids, self.min_bbox_size, self.nms_iou,
-                                         max_per_img))
-        return results
+        return [decode_and_suppress(self.box_coder, anchors[b], deltas[b], scores[b], img_size, self.min_bbox_size,
+                                    self.nms_iou, max_per_img, level_ids)
+                for b, img_size in enumerate(img_sizes)]
 
-
-def nms_per_level(boxes: Tensor, scores: Tensor, level_ids: Tensor, min_bbox_size: float, iou: float,
-                  max_per_img: int) -> Tensor:
-    """mmdet ``RPNHead._bbox_post_process``: drop boxes not wider/taller than ``min_bbox_size`` (so with 0,
-    degenerate boxes go), NMS with the level as the class, keep the best ``max_per_img``. (N, 5) out."""
-    if min_bbox_size >= 0:
-        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        # one nonzero for the three gathers (a boolean index each would wait for the device three times)
-        keep = ((w > min_bbox_size) & (h > min_bbox_size)).nonzero().squeeze(1)
-        boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
-    if boxes.shape[0] == 0:
-        return boxes.new_zeros(0, 5)
-    keep = batched_nms(boxes, scores, level_ids, iou)[:max_per_img]
-    return torch.cat([boxes[keep], scores[keep, None]], dim=1)
+    def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
+        """Several views' test proposals of one image, in one frame -> one set, with this RPN's test settings
+        (``nms_iou``, ``test_max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from ``rpn.test_cfg``."""
+        return merge_view_proposals(proposals, self.nms_iou, self.test_max_per_img)

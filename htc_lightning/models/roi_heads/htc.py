@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from ...structures import Detections, ImageMeta
+from ...structures import Detections, ImageMeta, to_original_frame
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.masks import paste_masks
 from ..layers.nms import multiclass_nms
@@ -334,47 +334,54 @@ class HTCRoIHead(nn.Module):
             sem = self.semantic(feats)
         semantic_feat = None if sem is None else sem[1]
         rois = boxes_to_rois([p[:, :4] for p in proposals]).to(feats[0].device)
-        dets: list[tuple[Tensor, Tensor, Tensor]] = []
         if rois.shape[0]:
             scores, boxes = self.refine_and_score(feats, rois, img_sizes, semantic_feat)
-        for i, meta in enumerate(metas):
-            if rois.shape[0] == 0:
-                dets.append((rois.new_zeros(0, 4), rois.new_zeros(0), torch.zeros(0, dtype=torch.long,
-                                                                                   device=rois.device)))
-                continue
-            # rois hold each image's proposals in turn: slices, not a mask that waits for the device
-            start = sum(len(p) for p in proposals[:i])
-            b, s = boxes[start:start + len(proposals[i])], scores[start:start + len(proposals[i]), :-1]
-            if rescale and not self.with_mask:
-                # mmdet rescales before the NMS only when no mask branch rescales after it
-                b = b / self._scale(meta, b)
-            with record_function("nms"):
-                kb, ks, kl, _ = multiclass_nms(b, s, self.score_thr, self.nms_iou, self.max_per_img,
-                                               self.nms_type, self.soft_nms_sigma, self.soft_nms_min_score)
-            dets.append((kb, ks, kl))
+        else:
+            scores, boxes = rois.new_zeros(0, self.num_classes + 1), rois.new_zeros(0, 4)
+        # rois hold each image's proposals in turn: slices, not a mask that waits for the device
+        sizes = [len(p) for p in proposals]
+        dets = [self.postprocess_boxes(s, b, meta, rescale)
+                for s, b, meta in zip(scores.split(sizes), boxes.split(sizes), metas, strict=True)]
         if not self.with_mask:
-            return [Detections(b, s, lab) for b, s, lab in dets]
-
-        mask_rois = boxes_to_rois([d[0] for d in dets]).to(feats[0].device)
+            return dets
+        mask_rois = boxes_to_rois([d.boxes for d in dets]).to(feats[0].device)
         with record_function("mask_heads"):
-            labels = torch.cat([d[2] for d in dets]).to(mask_rois.device)
+            labels = torch.cat([d.labels for d in dets]).to(mask_rois.device)
             probs = self.mask_probs(feats, mask_rois, semantic_feat, labels) if mask_rois.shape[0] else None
-        results = []
-        for i, (meta, (b, s, lab)) in enumerate(zip(metas, dets)):
-            h, w = (meta["orig_size"] if rescale else meta["img_size"])
-            if rescale:
-                b = b / self._scale(meta, b)
-            if len(b) == 0:
-                masks = torch.zeros(0, h, w, dtype=torch.bool, device=b.device)
-            else:
-                start = sum(len(d[0]) for d in dets[:i])
-                p = probs[start:start + len(b)]
-                with record_function("paste_masks"):
-                    masks = paste_masks(p, b, h, w, threshold=self.mask_thr)
-            results.append(Detections(b, s, lab, masks))
-        return results
+        per_image = [None] * len(dets) if probs is None else probs.split([len(d) for d in dets])
+        return [self.postprocess_masks(d, p, meta, rescale) for d, p, meta in zip(dets, per_image, metas)]
 
-    @staticmethod
-    def _scale(meta: ImageMeta, like: Tensor) -> Tensor:
-        sx, sy = meta.get("scale_factor", (1.0, 1.0))
-        return like.new_tensor([sx, sy, sx, sy])
+    # ---- post-processing: the one path of predict() and test-time augmentation ---------------------------
+    def postprocess_boxes(self, scores: Tensor, boxes: Tensor, meta: ImageMeta, rescale: bool = True) -> Detections:
+        """One image's scored boxes -> its detections by ``multiclass_nms`` (hard or Soft-NMS per ``nms_type``).
+
+        ``scores`` (N, C + 1) with the background column last and ``boxes`` (N, 4) or (N, C, 4) in the resized
+        frame, as ``refine_and_score`` returns them (or their mean over TTA views). A box-only head with
+        ``rescale`` suppresses in the original frame and returns final detections: mmdet rescales before the
+        NMS only when no mask branch rescales after it. A mask head keeps the resized frame, in which its mask
+        RoIs are taken: finish with ``postprocess_masks``."""
+        if scores.shape[0] == 0:
+            return Detections(boxes.new_zeros(0, 4), scores.new_zeros(0),
+                              torch.zeros(0, dtype=torch.long, device=scores.device))
+        if rescale and not self.with_mask:
+            boxes = to_original_frame(boxes, meta)
+        with record_function("nms"):
+            kept_boxes, kept_scores, labels, _ = multiclass_nms(
+                boxes, scores[:, :-1], self.score_thr, self.nms_iou, self.max_per_img, self.nms_type,
+                self.soft_nms_sigma, self.soft_nms_min_score)
+        return Detections(kept_boxes, kept_scores, labels)
+
+    def postprocess_masks(self, dets: Detections, probs: Tensor | None, meta: ImageMeta,
+                          rescale: bool = True) -> Detections:
+        """``postprocess_boxes``' detections (resized frame) with each one's mask probabilities ``probs``
+        (K, S, S) of its class (``mask_probs(..., labels)``; None when K = 0) -> boxes in the original frame
+        with ``rescale`` and masks pasted there at ``orig_size`` (else ``img_size``), thresholded at
+        ``mask_thr``."""
+        h, w = (int(v) for v in (meta["orig_size"] if rescale else meta["img_size"]))
+        boxes = to_original_frame(dets.boxes, meta) if rescale else dets.boxes
+        if len(dets) == 0:
+            masks = torch.zeros(0, h, w, dtype=torch.bool, device=boxes.device)
+        else:
+            with record_function("paste_masks"):
+                masks = paste_masks(probs, boxes, h, w, threshold=self.mask_thr)
+        return Detections(boxes, dets.scores, dets.labels, masks)
