@@ -1,8 +1,10 @@
 """The RoI head's post-processing steps, the one path of ``predict`` and test-time augmentation: NMS with
 mmdet's rescale rule, then (mask heads) the rescale and mask pasting."""
+from functools import partial
+
 import torch
 
-from htc_lightning.models.roi_heads import HTCRoIHead
+from htc_lightning.models.roi_heads import FCNMaskHead, HTCRoIHead, Shared2FCBBoxHead
 from htc_lightning.structures import Detections
 
 # resized 64 x 64 from a 32 x 40 original: x / 1.6, y / 2
@@ -13,8 +15,9 @@ SCORES = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.7, 0.2]])
 
 
 def head(with_mask: bool, **kw) -> HTCRoIHead:
-    return HTCRoIHead(num_classes=2, in_channels=8, fc_out_channels=16, mask_conv_channels=8, num_mask_convs=1,
-                      with_mask=with_mask, mask_info_flow=with_mask, score_thr=0.3, **kw).eval()
+    mask_head = partial(FCNMaskHead, conv_channels=8, num_convs=1) if with_mask else None
+    return HTCRoIHead(num_classes=2, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+                      mask_head=mask_head, mask_info_flow=with_mask, score_thr=0.3, **kw).eval()
 
 
 def test_box_only_head_suppresses_and_returns_boxes_in_the_original_frame():
