@@ -78,16 +78,17 @@ def train(detector: torch.nn.Module, dm: CocoDataModule, iters: int, lr: float, 
     return history
 
 
-def centre_kept(loc_preds: list[Tensor], strides: Sequence[int], boxes: Tensor, thr: float, image: int) -> Tensor:
-    """(G,) bool: whether GA's location filter keeps, on at least one level, the location under each gt box's
-    centre (no location kept there, no anchor is placed near the centre on any level)."""
+def centre_kept(kept_maps: list[Tensor], strides: Sequence[int], boxes: Tensor, image: int) -> Tensor:
+    """(G,) bool: whether GA's location filter (``kept_maps``: ``GARPN.location_mask`` per level, (B, 1, H, W))
+    keeps, on at least one level, the location under each gt box's centre (no location kept there, no anchor is
+    placed near the centre on any level)."""
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     kept = torch.zeros(len(boxes), dtype=torch.bool)
-    for loc, stride in zip(loc_preds, strides):
-        h, w = loc.shape[-2:]
+    for mask, stride in zip(kept_maps, strides):
+        h, w = mask.shape[-2:]
         x = (cx / stride).long().clamp(0, w - 1)
         y = (cy / stride).long().clamp(0, h - 1)
-        kept |= loc[image, 0, y, x].sigmoid() >= thr
+        kept |= mask[image, 0, y, x]
     return kept
 
 
@@ -106,11 +107,11 @@ def evaluate(detector: torch.nn.Module, dm: CocoDataModule) -> tuple[dict[str, f
         counts += [len(d) for d in dets]
         evaluator.update(dets, metas)
         if hasattr(head, "loc_filter_thr"):
-            loc_preds = head(detector.extract_feats(images))[3]
+            kept_maps = [head.location_mask(loc) for loc in head(detector.extract_feats(images))[3]]
             for i, t in enumerate(targets):
-                locations.append(sum(int((loc[i].sigmoid() >= head.loc_filter_thr).sum()) for loc in loc_preds))
+                locations.append(sum(int(m[i].sum()) for m in kept_maps))
                 boxes = t["boxes"]
-                kept = centre_kept(loc_preds, head.strides, boxes, head.loc_filter_thr, i)
+                kept = centre_kept(kept_maps, head.strides, boxes, i)
                 is_small = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) < 32 ** 2
                 small += kept[is_small].tolist()
                 other += kept[~is_small].tolist()

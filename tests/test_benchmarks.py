@@ -180,11 +180,10 @@ def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
     sys.path.insert(0, str(BENCH))
     from proposal_ar import centre_kept
 
-    thr = 0.5
-    fine, coarse = torch.full((1, 1, 8, 8), -5.0), torch.full((1, 1, 4, 4), -5.0)
-    fine[0, 0, 1, 2] = 5.0    # stride 4: the location covering x 8-12, y 4-8
-    coarse[0, 0, 3, 3] = 5.0  # stride 8: x 24-32, y 24-32
+    fine, coarse = torch.zeros((1, 1, 8, 8), dtype=torch.bool), torch.zeros((1, 1, 4, 4), dtype=torch.bool)
+    fine[0, 0, 1, 2] = True    # stride 4: the location covering x 8-12, y 4-8
+    coarse[0, 0, 3, 3] = True  # stride 8: x 24-32, y 24-32
     boxes = torch.tensor([[6.0, 2.0, 14.0, 10.0],    # centre (10, 6): kept on the fine level
                           [20.0, 20.0, 36.0, 36.0],  # centre (28, 28): kept on the coarse level
                           [0.0, 0.0, 4.0, 4.0]])     # centre (2, 2): kept nowhere
-    assert centre_kept([fine, coarse], (4, 8), boxes, thr, 0).tolist() == [True, True, False]
+    assert centre_kept([fine, coarse], (4, 8), boxes, 0).tolist() == [True, True, False]
