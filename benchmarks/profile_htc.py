@@ -6,7 +6,7 @@
 
 Same model and synthetic batch as ``htc_speed.py`` (HTC R-50-FPN, random weights, 80 classes, semantic
 head). The first table is the model's named parts (``record_function`` scopes in ``Detector`` and
-``HTCRoIHead``: backbone, neck, rpn_head, rpn_proposals, semantic_head, box_stage{t}, nms, mask_heads,
+``CascadeRoIHead``: backbone, neck, rpn_head, rpn_proposals, semantic_head, box_stage{t}, nms, mask_heads,
 paste_masks, ...), the second the ``--top`` operators by self time. The profiled step is the median-timed
 one of ``--runs`` after ``--warmup``.
 """
@@ -28,7 +28,7 @@ from htc_speed import synthetic_batch  # noqa: E402
 
 from htc_lightning.tools.mmdet_parity import build_detector  # noqa: E402
 
-# the record_function scopes of Detector / HTCRoIHead; nested ones are indented in the table
+# the record_function scopes of Detector / CascadeRoIHead; nested ones are indented in the table
 PARTS = ("backbone", "neck", "rpn_head", "rpn_proposals", "roi_head", "semantic_head", "assign_sample",
          "box_stage0", "box_stage1", "box_stage2", "mask_stage0", "mask_stage1", "mask_stage2", "nms",
          "mask_heads", "paste_masks")

@@ -67,7 +67,7 @@ def roi_head(kind: str = "htc", **extra) -> dict:
     else:
         raise ValueError(kind)
     args.update(extra)
-    return {"class_path": f"{PKG}.models.roi_heads.htc.HTCRoIHead", "init_args": args}
+    return {"class_path": f"{PKG}.models.roi_heads.cascade.CascadeRoIHead", "init_args": args}
 
 
 def config(comment: str, bb: dict, rpn: dict, roi: dict | None, *, epochs: int = 12, steps=(8, 11),

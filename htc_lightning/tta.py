@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .data.transforms import rescale_size
 from .models.detector import proposals_to_detections
-from .models.roi_heads.htc import boxes_to_rois
+from .models.roi_heads.cascade import boxes_to_rois
 from .structures import Detections, ImageMeta, require, scale_boxes, scale_factor_of
 
 # The 2018 entry's test scales as (long, short) edges, the datamodule's ``test_scale`` order.

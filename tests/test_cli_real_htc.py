@@ -32,7 +32,7 @@ def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
         "rpn_head": {"class_path": "htc_lightning.models.proposals.rpn.RPN",
                      "init_args": {"in_channels": 32, "feat_channels": 32, "train_nms_pre": 200,
                                    "train_max_per_img": 100, "test_nms_pre": 200, "test_max_per_img": 50}},
-        "roi_head": {"class_path": "htc_lightning.models.roi_heads.htc.HTCRoIHead", "init_args": head}}}
+        "roi_head": {"class_path": "htc_lightning.models.roi_heads.cascade.CascadeRoIHead", "init_args": head}}}
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "num_sanity_val_steps": 0,

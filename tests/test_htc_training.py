@@ -7,7 +7,7 @@ import torch
 
 from htc_lightning.models.layers.assigners import MaxIoUAssigner
 from htc_lightning.models.layers.samplers import RandomSampler
-from htc_lightning.models.roi_heads import FCNMaskHead, FusedSemanticHead, HTCRoIHead, Shared2FCBBoxHead
+from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, FusedSemanticHead, Shared2FCBBoxHead
 
 NUM_CLASSES = 3
 GT = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
@@ -18,12 +18,12 @@ def keep_all() -> RandomSampler:
     return RandomSampler(None, 0.25)
 
 
-def make_head(**kw) -> HTCRoIHead:
+def make_head(**kw) -> CascadeRoIHead:
     torch.manual_seed(0)
     kw.setdefault("semantic_head", FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5))
     kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=8, num_convs=2))
-    return HTCRoIHead(num_classes=NUM_CLASSES, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
-                      score_thr=0.0, **kw)
+    return CascadeRoIHead(num_classes=NUM_CLASSES, in_channels=8,
+                          bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16), score_thr=0.0, **kw)
 
 
 def make_feats(size: int = 64, batch: int = 1) -> list[torch.Tensor]:
@@ -50,14 +50,14 @@ def make_proposals() -> torch.Tensor:
     return torch.cat([boxes, torch.linspace(0.9, 0.6, 4)[:, None]], 1)
 
 
-def shift_regression(head: HTCRoIHead, stage: int, delta_x: float) -> None:
+def shift_regression(head: CascadeRoIHead, stage: int, delta_x: float) -> None:
     """Make box head ``stage`` move every box right by ``delta_x`` (in units of the coder's std)."""
     with torch.no_grad():
         head.bbox_head[stage].fc_reg.weight.zero_()
         head.bbox_head[stage].fc_reg.bias.copy_(torch.tensor([delta_x, 0.0, 0.0, 0.0]))
 
 
-def record_rois(head: HTCRoIHead, method: str) -> list[tuple[int, torch.Tensor]]:
+def record_rois(head: CascadeRoIHead, method: str) -> list[tuple[int, torch.Tensor]]:
     calls = []
     original = getattr(head, method)
 

@@ -12,7 +12,7 @@ from htc_lightning.cli import HTCLightningCLI
 from htc_lightning.data.synthetic import make_synthetic_coco
 from htc_lightning.models.layers.assigners import MaxIoUAssigner
 from htc_lightning.models.layers.samplers import RandomSampler
-from htc_lightning.models.roi_heads import FCNMaskHead, HTCRoIHead, Shared2FCBBoxHead
+from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, Shared2FCBBoxHead
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = "htc_lightning.models"
@@ -75,8 +75,8 @@ def test_mask_head_sampler_and_assigner_are_swapped_from_yaml_and_train(tmp_path
 
 
 def test_the_box_head_factory_gets_each_stage_its_own_target_stds():
-    head = HTCRoIHead(num_classes=3, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
-                      mask_head=None, mask_info_flow=False)
+    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+                          mask_head=None, mask_info_flow=False)
     assert [h.coder.stds for h in head.bbox_head] == [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                                       (0.033, 0.033, 0.067, 0.067)]
     assert all(h.shared_fcs[0].in_features == 8 * 7 * 7 for h in head.bbox_head)  # the RoI extractor's 7x7
@@ -87,18 +87,31 @@ def test_a_part_built_for_another_class_count_is_an_error_naming_it():
         return FCNMaskHead(80, in_channels, conv_channels=in_channels, **kw)
 
     with pytest.raises(ValueError, match=r"mask_head 0 \(FCNMaskHead\) was built for 80 classes, the RoI head for 3"):
-        HTCRoIHead(num_classes=3, in_channels=8, mask_head=fixed_80)
+        CascadeRoIHead(num_classes=3, in_channels=8, mask_head=fixed_80)
 
 
 def test_a_mask_head_too_narrow_for_the_information_flow_is_an_error_naming_the_fix():
     with pytest.raises(ValueError, match="set conv_channels=8"):
-        HTCRoIHead(num_classes=3, in_channels=8, mask_head=partial(FCNMaskHead, conv_channels=4))
+        CascadeRoIHead(num_classes=3, in_channels=8, mask_head=partial(FCNMaskHead, conv_channels=4))
 
 
 def test_default_parts_are_mmdets_htc_settings():
-    head = HTCRoIHead()
+    head = CascadeRoIHead()
     assert isinstance(head.sampler, RandomSampler)
     assert (head.sampler.num, head.sampler.pos_fraction, head.sampler.add_gt_as_proposals) == (512, 0.25, True)
     assert all(isinstance(a, MaxIoUAssigner) and a.match_low_quality for a in head.assigners)
     assert [a.min_pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
     assert (head.bbox_roi_extractor.output_size, head.mask_roi_extractor.output_size) == (7, 14)
+
+
+def test_the_old_name_htc_roi_head_still_builds_the_cascade_head_from_a_config():
+    # configs and checkpoints written before the rename name the old class_path
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--roi_head", type=nn.Module)
+    cfg = parser.parse_args(["--roi_head", '{"class_path": "htc_lightning.models.roi_heads.htc.HTCRoIHead", '
+                             '"init_args": {"num_classes": 3, "in_channels": 8, "mask_head": null, '
+                             '"mask_info_flow": false}}'])
+    head = parser.instantiate(cfg).roi_head
+    assert type(head) is CascadeRoIHead and head.num_classes == 3 and not head.with_mask

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from htc_lightning.models.layers.samplers import SamplingResult
-from htc_lightning.models.roi_heads import FCNMaskHead, FusedSemanticHead, HTCRoIHead, Shared2FCBBoxHead
+from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, FusedSemanticHead, Shared2FCBBoxHead
 
 
 def sampling(pos: list[list[float]], gts: list[list[float]], labels: list[int], neg: list[list[float]]):
@@ -119,11 +119,11 @@ BBOX16 = partial(Shared2FCBBoxHead, fc_out_channels=16)
 MASK8 = partial(FCNMaskHead, conv_channels=8, num_convs=2)
 
 
-def tiny_htc(**kw) -> HTCRoIHead:
+def tiny_htc(**kw) -> CascadeRoIHead:
     torch.manual_seed(0)
-    return HTCRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=MASK8,
-                      semantic_head=FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5),
-                      score_thr=0.0, **kw).eval()
+    return CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=MASK8,
+                          semantic_head=FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5),
+                          score_thr=0.0, **kw).eval()
 
 
 def feats64() -> list[torch.Tensor]:
@@ -189,8 +189,8 @@ def test_predict_without_proposals_returns_empty_detections():
 
 
 def test_box_only_head_has_no_mask_modules_and_predicts_no_masks():
-    head = HTCRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=None, mask_info_flow=False,
-                      interleaved=False, score_thr=0.0).eval()
+    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=None, mask_info_flow=False,
+                          interleaved=False, score_thr=0.0).eval()
     assert not hasattr(head, "mask_head")
     meta = {"orig_size": (64, 64), "img_size": (64, 64), "scale_factor": (1.0, 1.0)}
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_box_stage_with_semantic_fusion_requires_the_semantic_feature():
 
 def test_full_size_htc_roi_head_has_mmdets_parameter_count():
     # mmdet 3.3.0 htc_r50_fpn_1x_coco: roi_head 52,811,942 parameters (detector 80,258,293)
-    head = HTCRoIHead(semantic_head=FusedSemanticHead())
+    head = CascadeRoIHead(semantic_head=FusedSemanticHead())
     assert sum(p.numel() for p in head.parameters()) == 52_811_942
 
 
@@ -236,9 +236,10 @@ def test_class_specific_regress_uses_the_given_labels():
 
 def test_mask_rcnn_configuration_predicts_with_per_class_boxes():
     torch.manual_seed(0)
-    head = HTCRoIHead(num_classes=3, in_channels=8, bbox_head=partial(BBOX16, reg_class_agnostic=False),
-                      mask_head=MASK8, num_stages=1, stage_loss_weights=(1,), iou_thresholds=(0.5,),
-                      target_stds=((.1, .1, .2, .2),), interleaved=False, mask_info_flow=False, score_thr=0.0).eval()
+    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=partial(BBOX16, reg_class_agnostic=False),
+                          mask_head=MASK8, num_stages=1, stage_loss_weights=(1,), iou_thresholds=(0.5,),
+                          target_stds=((.1, .1, .2, .2),), interleaved=False, mask_info_flow=False,
+                          score_thr=0.0).eval()
     meta = {"orig_size": (64, 64), "img_size": (64, 64), "scale_factor": (1.0, 1.0)}
     with torch.no_grad():
         det = head.predict(feats64(), [PROPOSALS], [meta])[0]

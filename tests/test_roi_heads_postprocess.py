@@ -4,7 +4,7 @@ from functools import partial
 
 import torch
 
-from htc_lightning.models.roi_heads import FCNMaskHead, HTCRoIHead, Shared2FCBBoxHead
+from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, Shared2FCBBoxHead
 from htc_lightning.structures import Detections
 
 # resized 64 x 64 from a 32 x 40 original: x / 1.6, y / 2
@@ -14,10 +14,10 @@ BOXES = torch.tensor([[10.0, 10.0, 40.0, 40.0], [11.0, 10.0, 40.0, 40.0], [30.0,
 SCORES = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.7, 0.2]])
 
 
-def head(with_mask: bool, **kw) -> HTCRoIHead:
+def head(with_mask: bool, **kw) -> CascadeRoIHead:
     mask_head = partial(FCNMaskHead, conv_channels=8, num_convs=1) if with_mask else None
-    return HTCRoIHead(num_classes=2, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
-                      mask_head=mask_head, mask_info_flow=with_mask, score_thr=0.3, **kw).eval()
+    return CascadeRoIHead(num_classes=2, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+                          mask_head=mask_head, mask_info_flow=with_mask, score_thr=0.3, **kw).eval()
 
 
 def test_box_only_head_suppresses_and_returns_boxes_in_the_original_frame():

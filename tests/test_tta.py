@@ -19,7 +19,7 @@ from htc_lightning.models.necks.fpn import FPN
 from htc_lightning.models.proposals.postprocess import merge_view_proposals
 from htc_lightning.models.proposals.rpn import RPN
 from htc_lightning.models.roi_heads import FCNMaskHead, Shared2FCBBoxHead
-from htc_lightning.models.roi_heads.htc import HTCRoIHead
+from htc_lightning.models.roi_heads.cascade import CascadeRoIHead
 from htc_lightning.models.roi_heads.semantic_head import FusedSemanticHead
 from htc_lightning.module import DetectionModule
 from htc_lightning.tta import (
@@ -47,9 +47,9 @@ def tiny_detector(with_semantic: bool = True, roi_head: bool = True, num_classes
         semantic = FusedSemanticHead(in_channels=16, conv_out_channels=16, num_classes=5) if with_semantic else None
         head_kw.setdefault("score_thr", 0.05)
         head_kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=16, num_convs=2))
-        head = HTCRoIHead(num_classes=num_classes, in_channels=16,
-                          bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=32), semantic_head=semantic,
-                          semantic_fusion=("bbox", "mask"), **head_kw)
+        head = CascadeRoIHead(num_classes=num_classes, in_channels=16,
+                              bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=32), semantic_head=semantic,
+                              semantic_fusion=("bbox", "mask"), **head_kw)
     rpn = RPN(in_channels=16, feat_channels=16, test_nms_pre=200, test_max_per_img=50)
     return Detector(backbone, FPN(out_channels=16, num_outs=5), rpn, head).eval()
 

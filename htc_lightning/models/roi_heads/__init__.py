@@ -1,7 +1,8 @@
-"""Second-stage heads: the HTC / Cascade Mask R-CNN / Mask R-CNN RoI head and its parts."""
+"""Second-stage heads: the cascade RoI head (HTC, Cascade Mask R-CNN, Mask R-CNN) and its parts."""
 from .bbox_head import Shared2FCBBoxHead
-from .htc import HTCRoIHead, boxes_to_rois
+from .cascade import CascadeRoIHead, boxes_to_rois
+from .htc import HTCRoIHead  # the old name, kept for one release
 from .mask_head import FCNMaskHead
 from .semantic_head import FusedSemanticHead
 
-__all__ = ["FCNMaskHead", "FusedSemanticHead", "HTCRoIHead", "Shared2FCBBoxHead", "boxes_to_rois"]
+__all__ = ["CascadeRoIHead", "FCNMaskHead", "FusedSemanticHead", "HTCRoIHead", "Shared2FCBBoxHead", "boxes_to_rois"]
