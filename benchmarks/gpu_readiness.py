@@ -165,7 +165,7 @@ def _call_site() -> str:
 def instrument_ours(det, parts: Part) -> None:
     import htc_lightning.models.proposals.ga_rpn as ga_rpn_mod
     import htc_lightning.models.proposals.rpn as rpn_mod
-    import htc_lightning.models.roi_heads.htc as htc_mod
+    import htc_lightning.models.roi_heads.cascade as cascade_mod
     import htc_lightning.models.roi_heads.mask_head as mask_head_mod
 
     parts.wrap(det, "extract_feats", "backbone+neck")
@@ -194,8 +194,8 @@ def instrument_ours(det, parts: Part) -> None:
         parts.wrap(roi, "mask_probs", "mask heads")
     parts.wrap(mask_head_mod, "mask_targets", "RoI targets/sampling")
     parts.wrap(roi, "_sample", "RoI targets/sampling")
-    parts.wrap(htc_mod, "multiclass_nms", "nms")
-    parts.wrap(htc_mod, "paste_masks", "paste masks")
+    parts.wrap(cascade_mod, "multiclass_nms", "nms")
+    parts.wrap(cascade_mod, "paste_masks", "paste masks")
 
 
 def instrument_mmdet(model, parts: Part) -> None:
