@@ -53,6 +53,16 @@ def pad_size_of(target: dict, img_size: tuple[int, int]) -> tuple[int, int]:
     return pad
 
 
+def default_anchor_assigner() -> MaxIoUAssigner:
+    """mmdet's RPN/GA-RPN anchor assigner: positive from IoU 0.7, negative below 0.3, low-quality matches >= 0.3."""
+    return MaxIoUAssigner(0.7, 0.3, 0.3)
+
+
+def default_anchor_sampler() -> RandomSampler:
+    """mmdet's RPN/GA-RPN sampler: 256 anchors per image, half positive, gt boxes never added as candidates."""
+    return RandomSampler(256, 0.5, add_gt_as_proposals=False)
+
+
 def class_agnostic_gt(target: dict, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """(gt boxes, all-zero labels, crowd boxes or None) of one image on ``like``'s device and dtype: proposal
     heads are class-agnostic, every gt is foreground 0 (mmdet zeroes the labels for rpn_data_samples)."""

@@ -17,7 +17,14 @@ from ..layers.box_coder import BoxCoder
 from ..layers.deform_conv import DeformConv2d  # float32 under autocast
 from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
-from .base import anchor_targets, flatten_levels, objectness_and_delta_losses, pad_size_of
+from .base import (
+    anchor_targets,
+    default_anchor_assigner,
+    default_anchor_sampler,
+    flatten_levels,
+    objectness_and_delta_losses,
+    pad_size_of,
+)
 from .ga_targets import location_targets, shape_targets
 from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
 
@@ -96,10 +103,10 @@ class GARPN(nn.Module):
         self.loc_filter_thr = loc_filter_thr
         self.center_ratio, self.ignore_ratio = center_ratio, ignore_ratio
         self.invert_loc_targets = invert_loc_targets
-        self.assigner = assigner if assigner is not None else MaxIoUAssigner(0.7, 0.3, 0.3)
+        self.assigner = assigner if assigner is not None else default_anchor_assigner()
         self.ga_assigner = ga_assigner if ga_assigner is not None else ApproxMaxIoUAssigner(0.7, 0.3, 0.3)
-        self.sampler = sampler if sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
-        self.ga_sampler = ga_sampler if ga_sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
+        self.sampler = sampler if sampler is not None else default_anchor_sampler()
+        self.ga_sampler = ga_sampler if ga_sampler is not None else default_anchor_sampler()
         self.allowed_border = allowed_border
         self.loss_loc_weight, self.focal_alpha, self.focal_gamma = loss_loc_weight, focal_alpha, focal_gamma
         self.loss_shape_weight, self.bounded_iou_beta = loss_shape_weight, bounded_iou_beta

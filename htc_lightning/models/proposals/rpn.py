@@ -11,7 +11,13 @@ from ..layers.anchors import AnchorGenerator
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.samplers import RandomSampler
-from .base import anchor_targets, objectness_and_delta_losses, pad_size_of
+from .base import (
+    anchor_targets,
+    default_anchor_assigner,
+    default_anchor_sampler,
+    objectness_and_delta_losses,
+    pad_size_of,
+)
 from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
 
 
@@ -53,8 +59,8 @@ class RPN(nn.Module):
             nn.init.zeros_(conv.bias)
 
         self.box_coder = box_coder if box_coder is not None else BoxCoder()
-        self.assigner = assigner if assigner is not None else MaxIoUAssigner(0.7, 0.3, 0.3)
-        self.sampler = sampler if sampler is not None else RandomSampler(256, 0.5, add_gt_as_proposals=False)
+        self.assigner = assigner if assigner is not None else default_anchor_assigner()
+        self.sampler = sampler if sampler is not None else default_anchor_sampler()
         self.allowed_border = allowed_border
         self.loss_cls_weight = loss_cls_weight
         self.loss_bbox_weight = loss_bbox_weight
