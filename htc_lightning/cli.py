@@ -99,6 +99,9 @@ class HTCLightningCLI(LightningCLI):
         """``test/predict --ckpt_path FILE``: take only the architecture (the detector) and the categories from the
         checkpoint. Lightning's default applies all of them over the config, which would silently undo
         evaluation settings given in the config or on the command line (``outfile_prefix``, ``backend``, ...).
+        ``fit --ckpt_path`` keeps the configured detector: a resumed run trains what its config says (and its
+        config.yaml records it); ``DetectionModule.on_load_checkpoint`` reports what differs from the checkpoint,
+        or fails naming the keys when the weights do not fit.
         Lightning calls it right after parsing, in place of its own (``_lightning_compat`` routes it)."""
         if not self.config.get("subcommand"):
             return
@@ -108,7 +111,7 @@ class HTCLightningCLI(LightningCLI):
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
         hparams = checkpoint.get("hyper_parameters", {})
         update: dict[str, Any] = {}
-        if "detector" in hparams:
+        if "detector" in hparams and self.config.subcommand != "fit":
             # the whole model entry as parsed, with the checkpoint's detector: parsing a partial entry would reset
             # the other init_args to their defaults
             model = self.config[self.config.subcommand]["model"].as_dict()

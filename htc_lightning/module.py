@@ -5,7 +5,7 @@ The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``
 subclasses the module and replaces one hook:
 
 - :meth:`compute_loss` (batch -> dict of loss terms; accuracies into ``metrics``), :meth:`sum_losses` (the total),
-- :meth:`check_losses` (the NaN/inf guard), :meth:`lr_factor` (warm-up and step schedule),
+- :meth:`check_finite` (the NaN/inf guard of losses and gradients), :meth:`lr_factor` (warm-up and step schedule),
 - :meth:`build_evaluator` (COCO metrics of a stage), :meth:`predict_batch` (batch -> Detections).
 """
 from __future__ import annotations
@@ -22,16 +22,22 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from ._lightning_compat import built_by_lightning_cli
+from .checkpoints.resume_check import check_resume
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .nonfinite import (
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    check_buffers,
+    check_weights,
+    step_culprits,
+    step_flags,
+)
 from .structures import Detections, ImageMeta
 from .tta import TestTimeAugmentation
 
 Batch = tuple[Tensor, list[dict]]
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; the message names the step and the terms."""
-
+__all__ = ["DetectionModule", "HTCModule", "NonFiniteLossError", "NonFiniteWeightsError"]
 
 class DetectionModule(pl.LightningModule):
     """Train, validate, test and predict with any detector of the package (HTC, Cascade and Mask R-CNN, or a
@@ -53,8 +59,14 @@ class DetectionModule(pl.LightningModule):
         backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
         outfile_prefix: when set, test/validation results are also written as COCO json
             (``{prefix}.{stage}.bbox.json`` ...).
-        nan_policy: ``"raise"`` stops training at the first non-finite loss naming the step and the term;
-            ``"skip"`` skips that optimiser step and counts it (``train/skipped_steps``).
+        nan_policy: what a non-finite loss term or gradient does (checked after backward, before the optimiser
+            step): ``"raise"`` stops training there, naming the step and the terms or parameters; ``"skip"`` skips
+            that optimiser step (no weight, momentum or weight-decay change) and counts it
+            (``train/skipped_steps``). Under a GradScaler (``16-mixed``) a non-finite gradient with finite losses
+            is an fp16 overflow, which the scaler skips and backs off from by itself (not counted here).
+            A checkpoint is never written with non-finite weights (:class:`NonFiniteWeightsError`).
+        max_consecutive_skips: with ``nan_policy="skip"``, this many skipped steps in a row stop the run with
+            :class:`NonFiniteLossError` (a diverged run would otherwise skip every remaining step and exit 0).
         log_images: number of validation images drawn with their detections and sent to the logger each
             validation epoch (0 disables it).
         score_thr_vis: detections below this score are not drawn.
@@ -76,10 +88,13 @@ class DetectionModule(pl.LightningModule):
                  backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
                  outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
                  log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None,
-                 load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2") -> None:
+                 load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2",
+                 max_consecutive_skips: int = 10) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={max_consecutive_skips}: expected at least 1")
         # Under LightningCLI the hparams are the parsed config (the detector as class_path/init_args), which
         # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
         # The TTA is a test-time choice, never stored: ``test --ckpt_path`` applies the checkpoint's hparams over
@@ -98,6 +113,7 @@ class DetectionModule(pl.LightningModule):
         self.backend = backend
         self.outfile_prefix = outfile_prefix
         self.nan_policy = nan_policy
+        self.max_consecutive_skips = max_consecutive_skips
         self.log_images = log_images
         self.score_thr_vis = score_thr_vis
         self.tta = tta
@@ -106,6 +122,9 @@ class DetectionModule(pl.LightningModule):
         self.resume_ckpt_path: str | None = None  # set by the CLI when the run restores a checkpoint
         self.written_results: list[str] = []
         self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._step_losses: list[dict[str, Tensor]] = []  # this optimiser step's loss terms (one per micro-batch)
+        self._step_batch = (0, 0)  # (batch_idx, batch size) of its last micro-batch
         self._evaluator = None
         self._images_logged = 0
         self._steps_per_epoch: int | None = None
@@ -126,53 +145,92 @@ class DetectionModule(pl.LightningModule):
             raise ValueError("the detector returned no loss term")
         return torch.stack([v.sum() for v in losses.values()]).sum()
 
-    def check_losses(self, losses: dict[str, Tensor], batch_idx: int) -> bool:
-        """True when every loss term is finite; otherwise raise or (``nan_policy="skip"``) return False.
-
-        Under DDP the decision is shared by all ranks, so either every rank skips the step or none does
-        (a rank that skips alone would leave the others waiting in the gradient all-reduce).
-        """
-        names = list(losses)
-        # one device sync per step: all the finiteness flags are fetched together
-        finite = torch.stack([torch.isfinite(losses[k].detach()).all() for k in names]).tolist() if names else []
-        bad = {k: float(losses[k].detach().float().sum()) for k, ok in zip(names, finite) if not ok}
-        any_bad = bool(self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False))
-        if not any_bad:
-            return True
-        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
-        if self.nan_policy == "raise":
-            raise NonFiniteLossError(f"non-finite loss at {where}: {terms}. Lower the lr, enable gradient "
-                                     "clipping, or set model.init_args.nan_policy=skip to skip such steps.")
-        self.skipped_steps += 1
-        warnings.warn(f"skipping {where}: non-finite loss {terms} ({self.skipped_steps} skipped so far)",
-                      stacklevel=2)
-        return False
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         metrics: dict[str, Tensor] = {}
         losses = self.compute_loss(batch, metrics)
-        finite = self.check_losses(losses, batch_idx)
-        batch_size = len(batch[1])
-        if self.nan_policy == "skip":
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
-        if not finite:
-            return None  # Lightning skips backward and the optimiser step for this batch
         total = self.sum_losses(losses)
+        # checked with the gradients in on_before_optimizer_step, in the step's one host-device sync (a NaN
+        # loss runs its backward; the step is then skipped or stopped before the optimiser touches a weight)
+        self._step_losses.append({k: v.detach() for k, v in losses.items()})
+        batch_size = len(batch[1])
+        self._step_batch = (batch_idx, batch_size)
         self.log_dict({f"train/{k}": v.detach().float().sum() for k, v in (losses | metrics).items()},
                       batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
 
+    def on_train_start(self) -> None:
+        self._step_losses = []
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.check_finite(optimizer):
+            # SGD, Adam(W) and the other torch optimisers leave a parameter without .grad untouched: no update,
+            # no momentum or weight decay. The step still counts (global_step, lr schedule), as a skipped batch.
+            optimizer.zero_grad(set_to_none=True)
+        if self.nan_policy == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=self._step_batch[1])
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The trainer's active GradScaler (``16-mixed``), or None."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def check_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True when this step's loss terms and gradients are all finite; otherwise raise or
+        (``nan_policy="skip"``) return False, and the caller makes the optimiser step a no-op.
+
+        One flag pair per step, computed on the device (a fused max-norm over all gradients), all-reduced under
+        DDP so that every rank takes the same decision (a rank skipping alone would desynchronise the weights),
+        and read with the step's only host-device sync. Under an active GradScaler, gradients are the scaler's
+        to check: a non-finite one with finite losses is an fp16 overflow that the scaler skips itself.
+        """
+        step_losses, self._step_losses = self._step_losses, []
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = step_flags(step_losses, grads if self.grad_scaler() is None else [], self.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        loss_bad, grad_bad = (v > 0 for v in bad.tolist())
+        if not (loss_bad or grad_bad):
+            self.consecutive_skips = 0
+            return True
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self._step_batch[0]})"
+        kind, culprits = step_culprits(step_losses, self.named_parameters(), loss_bad)
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(f"non-finite {kind} at {where}: {culprits}. No weight was updated. Lower the lr, "
+                                     "enable gradient clipping (trainer.gradient_clip_val), or set "
+                                     "model.init_args.nan_policy=skip to skip such steps.")
+        check_buffers(self, where)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skips} consecutive steps skipped (nan_policy=skip), the last at {where} for "
+                f"non-finite {kind}: {culprits}. The training has diverged: lower the lr or enable gradient clipping "
+                "and resume from the last checkpoint (--ckpt_path last), or allow more with "
+                "model.init_args.max_consecutive_skips.")
+        warnings.warn(f"skipping {where}: non-finite {kind} {culprits} ({self.skipped_steps} skipped so far, "
+                      f"{self.consecutive_skips} in a row)", stacklevel=2)
+        return False
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # every rank runs this hook with the same weights (DDP), so all of them stop together, before any write
+        check_weights(checkpoint.get("state_dict") or self.state_dict(), self.global_step,
+                      getattr(self.trainer.checkpoint_callback, "dirpath", None))
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["consecutive_skips"] = self.consecutive_skips
         # the categories travel with the weights, so predict needs no annotation file (the CLI reads them back)
         categories = getattr(getattr(self.trainer, "datamodule", None), "categories", None)
         if categories is not None:
             checkpoint["categories"] = [dict(c) for c in categories]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # before Lightning's strict load: a clear error naming the keys, or (fit) the config changes reported once
+        trainer = self.attached_trainer()
+        check_resume(checkpoint, self.hparams, self.state_dict(), getattr(trainer, "ckpt_path", None),
+                     fitting=trainer is not None and trainer.state.fn == "fit", strict=self.strict_loading)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self.consecutive_skips = int(checkpoint.get("consecutive_skips", 0))
+
 
     # -- optimisation ------------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from .checkpoint_io import stale_temporaries
+
 
 class DetectionCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` keeping ``last.ckpt`` and the best by ``val/segm_mAP``, with fallbacks.
@@ -28,6 +30,7 @@ class DetectionCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.fallback_monitors = tuple(fallback_monitors)
         self._warned_missing = False
+        self._last_only_step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's default directory is the logger's version folder, which changes with every run, so
@@ -35,6 +38,45 @@ class DetectionCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(str(trainer.default_root_dir), "checkpoints")
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:  # only rank 0 writes checkpoints, so only it cleans up
+            self.remove_stale_temporaries(trainer)
+
+    def remove_stale_temporaries(self, trainer: pl.Trainer) -> None:
+        removed, size = [], 0
+        for folder in dict.fromkeys([str(self.dirpath), str(trainer.default_root_dir)]):  # HPC checkpoints: the root
+            for path in stale_temporaries(folder):
+                try:
+                    size += path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                removed.append(str(path))
+        if removed:
+            rank_zero_info(f"removed {len(removed)} temporary file(s) of checkpoint saves that were killed mid-write "
+                           f"({size / 2**20:.1f} MiB): {', '.join(removed)}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._save_last_on_schedule(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if (self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+                and self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_on_schedule(trainer)
+
+    def _save_last_on_schedule(self, trainer: pl.Trainer) -> None:
+        """``last.ckpt`` at a scheduled point where Lightning saved nothing because the monitored metric is missing."""
+        step = trainer.global_step
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer) or self._last_only_step == step:
+            return
+        saved_step = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # only last.ckpt: Lightning's deferred save at the end of a validation at this same step must still run
+        # (it writes the best checkpoint, and last.ckpt again), which it skips for a step it believes saved
+        self._last_global_step_saved = saved_step
+        self._last_only_step = step
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(str(path).removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp = temporary_path(target)
         try:
             with open(tmp, "wb") as f:
                 self.write(checkpoint, f)
@@ -43,6 +46,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def write(self, checkpoint: dict[str, Any], f) -> None:
         """Serialise into the open temporary file (a seam for tests that simulate a crash mid-write)."""
         torch.save(checkpoint, f)
+
+
+def temporary_path(target: Path, pid: int | None = None) -> Path:
+    """Where a save of ``target`` by process ``pid`` (this one by default) writes before the rename."""
+    return target.with_name(f".{target.name}.tmp{os.getpid() if pid is None else pid}")
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
+
+
+def stale_temporaries(directory: str | os.PathLike, min_age_s: float = 60.0) -> Iterator[Path]:
+    """The temporary files of saves that were killed mid-write (SIGKILL, OOM killer, node failure): their process
+    is gone (checked on this machine) and they were not written to for ``min_age_s`` seconds. A file of a live
+    process, or of a save still writing (on another node of a shared filesystem), is never one of them."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for path in folder.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        try:
+            if now - path.stat().st_mtime >= min_age_s:
+                yield path
+        except FileNotFoundError:  # renamed or removed meanwhile: not stale
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid of this machine: keep its file
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
