@@ -1,0 +1,87 @@
+"""``fit --ckpt_path FILE`` trains the configured model: changes that load are reported once and used (and the run's
+config.yaml records them); weights that do not fit are an error naming the keys. ``test`` still takes the detector
+from the checkpoint."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import FakeRoIHead, fake_cli_config
+from torch import nn
+
+from htc_lightning.checkpoints.resume_check import CheckpointMismatchError
+from htc_lightning.cli import HTCLightningCLI
+
+
+class BiggerRoIHead(FakeRoIHead):
+    """One weight more than the checkpoint's head: its weights cannot fill this one."""
+
+    def __init__(self, num_classes: int = 80, init_offset: float = 3.0) -> None:
+        super().__init__(num_classes, init_offset)
+        self.extra = nn.Parameter(torch.zeros(3))
+
+
+def trained(tmp_path: Path) -> tuple[dict, Path]:
+    """A finished 2-step run; returns its config (as a dict) and its last.ckpt."""
+    config_path = fake_cli_config(tmp_path, max_steps=2, limit_val_batches=0)
+    HTCLightningCLI(args=["fit", "--config", config_path])
+    return yaml.safe_load(Path(config_path).read_text()), tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+
+def resume(tmp_path: Path, config: dict, ckpt: Path, *args: str) -> HTCLightningCLI:
+    config["trainer"]["max_steps"] = 4
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return HTCLightningCLI(args=["fit", "--config", str(path), "--ckpt_path", str(ckpt), *args])
+
+
+def test_fit_resume_trains_the_configured_detector_and_reports_the_changes_once(tmp_path):
+    config, ckpt = trained(tmp_path)
+    detector = config["model"]["init_args"]["detector"]["init_args"]
+    detector["with_mask"] = False
+    detector["roi_head"]["init_args"] = {"init_offset": 1.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = resume(tmp_path, config, ckpt)
+    reports = [str(w.message) for w in caught if "differs from the checkpoint's" in str(w.message)]
+    assert len(reports) == 1, reports
+    assert f"--ckpt_path {ckpt}: the configured model differs" in reports[0]
+    assert "detector.init_args.with_mask: True (checkpoint) -> False (config)" in reports[0]
+    assert "detector.init_args.roi_head.init_args.init_offset: 3.0 (checkpoint) -> 1.0 (config)" in reports[0]
+    assert cli.model.detector.with_mask is False and cli.trainer.global_step == 4
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["model"]["init_args"]["detector"]["init_args"]["with_mask"] is False
+
+
+def test_fit_resume_says_that_a_new_lr_does_not_override_the_restored_optimiser_state(tmp_path):
+    config, ckpt = trained(tmp_path)
+    with pytest.warns(UserWarning, match=r"(?s)lr: 0\.01 \(checkpoint\) -> 0\.001 \(config\).*lr: the optimiser "
+                                         r"and lr-scheduler state restored from the checkpoint keep the checkpoint's "
+                                         r"value"):
+        resume(tmp_path, config, ckpt, "--model.init_args.lr", "0.001")
+
+
+def test_fit_resume_with_weights_that_do_not_fit_fails_naming_the_keys_and_the_setting(tmp_path):
+    config, ckpt = trained(tmp_path)
+    config["model"]["init_args"]["detector"]["init_args"]["roi_head"]["class_path"] = "test_resume_config.BiggerRoIHead"
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)the checkpoint's weights do not fit the configured model: "
+                                                      r"1 weight\(s\) missing in the checkpoint: "
+                                                      r"detector\.roi_head\.extra"
+                                                      r".*detector\.init_args\.roi_head\.class_path: "
+                                                      r"'conftest\.FakeRoIHead' \(checkpoint\) -> "
+                                                      r"'test_resume_config\.BiggerRoIHead' \(config\)"
+                                                      r".*model\.init_args\.load_from"):
+        resume(tmp_path, config, ckpt)
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2  # untouched
+
+
+def test_test_with_ckpt_path_still_takes_the_detector_from_the_checkpoint(tmp_path):
+    config, ckpt = trained(tmp_path)
+    config["model"]["init_args"]["detector"]["init_args"]["roi_head"]["class_path"] = "test_resume_config.BiggerRoIHead"
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    tested = HTCLightningCLI(args=["test", "--config", str(path), "--ckpt_path", str(ckpt)])
+    assert type(tested.model.detector.roi_head) is FakeRoIHead
