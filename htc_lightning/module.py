@@ -22,9 +22,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from ._lightning_compat import built_by_lightning_cli
-from .checkpoints.resume_check import check_resume
+from .checkpoints.resume_check import apply_configured_optimiser, check_resume
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .nonfinite import (
+    RECOVERY,
     NonFiniteLossError,
     NonFiniteWeightsError,
     check_buffers,
@@ -125,6 +126,7 @@ class DetectionModule(pl.LightningModule):
         self.consecutive_skips = 0
         self._step_losses: list[dict[str, Tensor]] = []  # this optimiser step's loss terms (one per micro-batch)
         self._step_batch = (0, 0)  # (batch_idx, batch size) of its last micro-batch
+        self._optimiser_from_config = False
         self._evaluator = None
         self._images_logged = 0
         self._steps_per_epoch: int | None = None
@@ -161,6 +163,9 @@ class DetectionModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._step_losses = []
+        if self._optimiser_from_config:  # a resumed run whose config changed the lr, momentum or weight decay
+            apply_configured_optimiser(self)
+            self._optimiser_from_config = False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.check_finite(optimizer):
@@ -205,8 +210,7 @@ class DetectionModule(pl.LightningModule):
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteLossError(
                 f"{self.consecutive_skips} consecutive steps skipped (nan_policy=skip), the last at {where} for "
-                f"non-finite {kind}: {culprits}. The training has diverged: lower the lr or enable gradient clipping "
-                "and resume from the last checkpoint (--ckpt_path last), or allow more with "
+                f"non-finite {kind}: {culprits}. The training has diverged: {RECOVERY}; or allow more skips with "
                 "model.init_args.max_consecutive_skips.")
         warnings.warn(f"skipping {where}: non-finite {kind} {culprits} ({self.skipped_steps} skipped so far, "
                       f"{self.consecutive_skips} in a row)", stacklevel=2)
@@ -226,8 +230,9 @@ class DetectionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # before Lightning's strict load: a clear error naming the keys, or (fit) the config changes reported once
         trainer = self.attached_trainer()
-        check_resume(checkpoint, self.hparams, self.state_dict(), getattr(trainer, "ckpt_path", None),
-                     fitting=trainer is not None and trainer.state.fn == "fit", strict=self.strict_loading)
+        self._optimiser_from_config = check_resume(
+            checkpoint, self.hparams, self.state_dict(), getattr(trainer, "ckpt_path", None),
+            fitting=trainer is not None and trainer.state.fn == "fit", strict=self.strict_loading)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.consecutive_skips = int(checkpoint.get("consecutive_skips", 0))
 

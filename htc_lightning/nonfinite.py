@@ -13,6 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# How to go on from the last good checkpoint (a resumed run takes a new lr or clipping from its config)
+RECOVERY = ("lower the lr or enable gradient clipping (trainer.gradient_clip_val) and resume from the last "
+            "checkpoint (--ckpt_path last)")
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term or a gradient became NaN or inf (``nan_policy="raise"``, or too many consecutive skips);
@@ -73,8 +77,7 @@ def check_buffers(module: Any, where: str) -> None:
     names, count = non_finite_names(module.named_buffers())
     raise NonFiniteLossError(
         f"cannot skip {where}: its forward pass already wrote non-finite values into "
-        f"{describe(names, count) or 'buffers on another rank'}. Lower the lr or enable gradient clipping and "
-        "resume from the last checkpoint (--ckpt_path last).")
+        f"{describe(names, count) or 'buffers on another rank'}. To go on, {RECOVERY}.")
 
 
 def check_weights(state_dict: dict[str, Tensor], step: int, folder: str | None) -> None:
@@ -85,5 +88,4 @@ def check_weights(state_dict: dict[str, Tensor], step: int, folder: str | None) 
     kept = f"the checkpoints in {folder} stay as they were" if folder else "existing checkpoints stay as they were"
     raise NonFiniteWeightsError(
         f"refusing to save a checkpoint at step {step}: {count} tensor(s) of the model hold NaN or inf "
-        f"({describe(names, count)}). Nothing was written; {kept}. Resume from the last one (--ckpt_path last) "
-        "with a lower lr or gradient clipping (trainer.gradient_clip_val).")
+        f"({describe(names, count)}). Nothing was written; {kept}. To go on, {RECOVERY}.")

@@ -56,12 +56,21 @@ def test_fit_resume_trains_the_configured_detector_and_reports_the_changes_once(
     assert recorded["model"]["init_args"]["detector"]["init_args"]["with_mask"] is False
 
 
-def test_fit_resume_says_that_a_new_lr_does_not_override_the_restored_optimiser_state(tmp_path):
+def test_fit_resume_applies_a_new_lr_and_weight_decay_to_the_restored_optimiser_and_schedule(tmp_path):
     config, ckpt = trained(tmp_path)
-    with pytest.warns(UserWarning, match=r"(?s)lr: 0\.01 \(checkpoint\) -> 0\.001 \(config\).*lr: the optimiser "
-                                         r"and lr-scheduler state restored from the checkpoint keep the checkpoint's "
-                                         r"value"):
-        resume(tmp_path, config, ckpt, "--model.init_args.lr", "0.001")
+    restored = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    assert restored["state"], "the checkpoint has momentum buffers to keep"
+    with pytest.warns(UserWarning, match=r"(?s)lr: 0\.01 \(checkpoint\) -> 0\.001 \(config\).*weight_decay: 0\.0001 "
+                                         r"\(checkpoint\) -> 0\.001 \(config\).*lr, weight_decay: applied to the "
+                                         r"optimiser and lr schedule restored from the checkpoint"):
+        cli = resume(tmp_path, config, ckpt, "--model.init_args.lr", "0.001", "--model.init_args.weight_decay", "0.001")
+    module, optimizer = cli.model, cli.trainer.optimizers[0]
+    group = optimizer.param_groups[0]
+    assert group["initial_lr"] == pytest.approx(module.scaled_lr()) and group["weight_decay"] == 0.001
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(module.scaled_lr())]
+    # after the 2 resumed steps the lr is the new base at step 4 of the (warm-up) schedule
+    assert group["lr"] == pytest.approx(module.scaled_lr() * module.lr_factor(4))
+    assert group["momentum"] == 0.9 and optimizer.state  # the momentum buffers came back
 
 
 def test_fit_resume_with_weights_that_do_not_fit_fails_naming_the_keys_and_the_setting(tmp_path):

@@ -12,8 +12,8 @@ from typing import Any
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-# Restored with the optimiser and scheduler state on resume, so a new value in the config does not take effect.
-OPTIMIZER_STATE_HPARAMS = ("lr", "base_batch_size", "momentum", "weight_decay")
+# Lightning restores them with the optimiser and scheduler state; apply_configured_optimiser puts the config's back.
+OPTIMIZER_HPARAMS = ("lr", "base_batch_size", "momentum", "weight_decay")
 MAX_LISTED = 8
 
 
@@ -66,10 +66,11 @@ def _format_changes(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def check_resume(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], model_state: Mapping[str, Tensor],
-                 ckpt_path: str | None, fitting: bool, strict: bool = True) -> None:
+                 ckpt_path: str | None, fitting: bool, strict: bool = True) -> bool:
     """Raise :class:`CheckpointMismatchError` when ``checkpoint``'s weights cannot load into the model; when
     ``fitting``, report (once, rank 0) the settings in which the configured ``hparams`` differ from the
-    checkpoint's, whose values the run uses."""
+    checkpoint's, whose values the run uses. True when optimiser settings changed (see
+    :func:`apply_configured_optimiser`)."""
     source = f"--ckpt_path {ckpt_path}" if ckpt_path else "the checkpoint"
     changes = config_changes(dict(checkpoint.get("hyper_parameters") or {}), dict(hparams))
     problems = state_dict_mismatch(checkpoint.get("state_dict") or {}, model_state) if strict else []
@@ -82,10 +83,32 @@ def check_resume(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], mode
             "config.yaml), or start a new run from its weights with model.init_args.load_from "
             "(the weights that fit are loaded, the others reported).")
     if not (fitting and changes):
-        return
-    stale = [key for key, _, _ in changes if key in OPTIMIZER_STATE_HPARAMS]
-    note = (f"\n{', '.join(stale)}: the optimiser and lr-scheduler state restored from the checkpoint keep the "
-            "checkpoint's value; start a new run from its weights (model.init_args.load_from) to change it."
-            if stale else "")
+        return False
+    optimiser = [key for key, _, _ in changes if key in OPTIMIZER_HPARAMS]
+    note = (f"\n{', '.join(optimiser)}: applied to the optimiser and lr schedule restored from the checkpoint (their "
+            "state, momentum and position in the schedule, is kept)." if optimiser else "")
     rank_zero_warn(f"{source}: the configured model differs from the checkpoint's; the run uses the config's "
                    f"values:\n{_format_changes(changes)}{note}")
+    return bool(optimiser)
+
+
+def apply_configured_optimiser(module: Any) -> None:
+    """After Lightning restored a resumed run's optimiser and lr scheduler: give them the hyper-parameters of the
+    configured ones (``module.configure_optimizers()``: lr, momentum, weight decay ...), keeping their state. Each
+    group's current lr moves by the factor its base lr moved, so warm-up and decay go on from the same step."""
+    configured = module.configure_optimizers()
+    if isinstance(configured, Mapping):
+        configured = configured["optimizer"]
+    while isinstance(configured, (list, tuple)):
+        configured = configured[0]
+    restored = module.trainer.optimizers[0]
+    schedulers = [c.scheduler for c in module.trainer.lr_scheduler_configs if c.scheduler.optimizer is restored]
+    for i, (group, new) in enumerate(zip(restored.param_groups, configured.param_groups)):
+        base_new = new.get("initial_lr", new["lr"])
+        base_old = group.get("initial_lr", group["lr"])
+        group.update({k: v for k, v in new.items() if k not in ("params", "lr", "initial_lr")})
+        group["lr"] = group["lr"] * base_new / base_old if base_old else base_new
+        if "initial_lr" in group:
+            group["initial_lr"] = base_new
+        for scheduler in schedulers:
+            scheduler.base_lrs[i] = base_new
