@@ -2,6 +2,8 @@
 weights, through real ``Trainer.fit`` runs (one process and two gloo processes)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -208,3 +210,36 @@ class PerRankNonFinite(pl.Callback):
         detector = pl_module.detector
         detector.nan_grad_calls = self.grad.get(trainer.global_rank, set())
         detector.nan_loss_calls = self.loss.get(trainer.global_rank, set())
+
+
+class RecordingModule(DetectionModule):
+    """Each rank writes the message of the NaN guard's error, then waits a few seconds before raising it: the
+    spawning process terminates the other ranks as soon as one fails. A rank that had not stopped would by then be
+    waiting in the next gradient all-reduce, and write nothing."""
+
+    out = ""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        try:
+            super().on_before_optimizer_step(optimizer)
+        except NonFiniteLossError as error:
+            with open(f"{self.out}.rank{self.global_rank}.txt", "w") as f:
+                f.write(str(error))
+            time.sleep(5)
+            raise
+
+
+def test_ddp_raise_stops_every_rank_at_the_step_only_one_rank_saw(tmp_path):
+    # rank 0's loss term is NaN (without gradient) at its call 2; rank 1 sees nothing wrong, yet stops there too
+    module = RecordingModule(NonFiniteDetector(FakeRoIHead(2)), lr=0.01, base_batch_size=4, warmup_iters=0,
+                             log_images=0)
+    module.out = str(tmp_path / "error")
+    trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=4, limit_val_batches=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(tmp_path),
+                         callbacks=[PerRankNonFinite(grad={}, loss={0: {2}})])
+    with pytest.raises(Exception, match=r"non-finite loss at step 2 \(epoch 0, batch 2\)"):
+        trainer.fit(module, TinyCocoDataModule(str(tmp_path / "data"), num_train=16, batch_size=2))
+    errors = [(tmp_path / f"error.rank{r}.txt").read_text() for r in range(2)]
+    assert errors[0].startswith("non-finite loss at step 2 (epoch 0, batch 2): loss_aux=nan")
+    assert errors[1].startswith("non-finite loss at step 2 (epoch 0, batch 2): on another rank")
