@@ -87,7 +87,15 @@ def _by_score(inds: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """Sort by decreasing score, ties by increasing index (the order a greedy pass over all boxes picks them)."""
     by_index = inds.argsort()
     inds, scores = inds[by_index], scores[by_index]
+    if exporting():
+        # ONNX has no stable sort; its TopK orders equal values by index, which is what the stable sort gives
+        return _by_score_traced(inds, scores)
     by_score = scores.sort(descending=True, stable=True).indices
+    return inds[by_score], scores[by_score]
+
+
+def _by_score_traced(inds: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    by_score = scores.topk(scores.shape[0]).indices
     return inds[by_score], scores[by_score]
 
 
