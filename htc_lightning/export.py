@@ -227,3 +227,85 @@ def export_detector(detector: nn.Module, format: str, size: Sequence[int] = (800
     if failed:
         raise RuntimeError(f"export: {path} differs from eager inference on {failed} (see {Path(out) / 'export.json'})")
     return report
+
+
+# ---- from a checkpoint, and the ``htc-lightning export`` command ---------------------------------------------
+DEFAULT_CHECK_IMAGES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "export_images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def detector_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """The detector of a ``htc-lightning fit`` checkpoint (its ``hyper_parameters["detector"]`` config and its
+    weights) and the data module's hyper-parameters stored beside it (normalisation, test scale, categories)."""
+    from jsonargparse import ArgumentParser
+
+    from .models.detector import Detector
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"export: checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    spec = (ckpt.get("hyper_parameters") or {}).get("detector")
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"export: {path} holds no detector config (hyper_parameters['detector'] with a class_path); "
+                         "export reads checkpoints written by `htc-lightning fit`")
+    state = {k[len("detector."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("detector.")}
+    spec = json.loads(json.dumps(spec))  # a copy to adjust
+    init = spec.setdefault("init_args", {})
+    backbone = init.get("backbone") or {}
+    if "pretrained" in (backbone.get("init_args") or {}):
+        backbone["init_args"]["pretrained"] = False  # the checkpoint has the weights: fetch nothing
+    roi_head = init.get("roi_head") or {}
+    cls_weight = state.get("roi_head.bbox_head.0.fc_cls.weight")
+    if roi_head and cls_weight is not None:
+        roi_head.setdefault("init_args", {})["num_classes"] = int(cls_weight.shape[0]) - 1
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Detector, "detector")
+    detector = parser.instantiate_classes(parser.parse_object({"detector": spec})).detector
+    detector.load_state_dict(state)
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    data = data.get("init_args", data) if isinstance(data, dict) else {}
+    data = dict(data)
+    if ckpt.get("categories"):
+        data["categories"] = ckpt["categories"]
+    return detector.eval(), data
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named, or found in the folders named (sorted); an error names a path without any."""
+    files = []
+    for p in map(Path, paths):
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        if not found or not all(f.is_file() for f in found):
+            raise FileNotFoundError(f"export: --check_images {p}: no image file there ({'/'.join(IMAGE_SUFFIXES)})")
+        files += found
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``htc-lightning export``: write the model, then check it against eager inference (non-zero exit if not)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="htc-lightning export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by htc-lightning fit")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                        help="the traced example's size and the check images' resize bound (default: the "
+                             "checkpoint's test_scale, else 800 1333); any size runs once exported")
+    parser.add_argument("--out", required=True, help="folder for the model file and export.json")
+    parser.add_argument("--check_images", nargs="*", default=None,
+                        help=f"images or folders to check on (default: {DEFAULT_CHECK_IMAGES} when present); "
+                             "give none (the bare flag) to skip the check")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    detector, data = detector_from_checkpoint(args.ckpt_path)
+    size = args.size
+    if size is None:
+        scale = data.get("test_scale") or (1333, 800)
+        size = (min(scale), max(scale))
+    if args.check_images is None:
+        if not DEFAULT_CHECK_IMAGES.is_dir():
+            raise FileNotFoundError(f"export: no default check images at {DEFAULT_CHECK_IMAGES}; pass "
+                                    "--check_images FILES_OR_FOLDERS (or the bare flag to skip the check)")
+        args.check_images = [DEFAULT_CHECK_IMAGES]
+    return export_detector(detector, args.format, size, args.out, image_files(args.check_images),
+                           data.get("mean"), data.get("std"), data.get("categories"))

@@ -16,8 +16,8 @@ from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.deform_conv import DeformConv2d  # float32 under autocast
 from ..layers.losses import bounded_iou_loss, focal_loss
-from ..layers.tracing import exporting
 from ..layers.samplers import RandomSampler
+from ..layers.tracing import exporting
 from .base import (
     anchor_targets,
     default_anchor_assigner,
