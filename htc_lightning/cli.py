@@ -11,6 +11,7 @@ Every part is chosen by ``class_path`` (detector, backbone, heads, datamodule). 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,14 @@ def main(args: list[str] | None = None) -> None:
     """The ``htc-lightning`` console script (also ``python cli.py``).
 
     A preempted run (SIGTERM, checkpoint written) exits with status 143, the shell's "terminated by SIGTERM",
-    so a scheduler or wrapper script does not mistake it for a finished training."""
+    so a scheduler or wrapper script does not mistake it for a finished training. ``export`` is not a Lightning
+    subcommand: it goes to ``htc_lightning.export.main`` before LightningCLI parses anything."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        export_main(argv[1:])
+        return
     try:
         HTCLightningCLI(args=args)
     except SIGTERMException:

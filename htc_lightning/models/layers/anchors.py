@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .tracing import exporting
+
 # Multi-scale training changes the feature sizes every batch; keep only the recent grids.
 _CACHE_SIZE = 16
 
@@ -79,7 +81,8 @@ class AnchorGenerator:
     def single_level_grid_anchors(self, featmap_size: tuple[int, int], level: int,
                                   device: torch.device | str = "cpu") -> Tensor:
         """(H*W*A, 4) anchors of one level (not cached)."""
-        feat_h, feat_w = int(featmap_size[0]), int(featmap_size[1])
+        # a traced feature size stays symbolic: int() would freeze the example image's size into the graph
+        feat_h, feat_w = featmap_size if exporting() else (int(featmap_size[0]), int(featmap_size[1]))
         stride = self.strides[level]
         base = self._base[level].to(device)
         shift_x = torch.arange(feat_w, device=device).to(torch.float32) * stride
@@ -93,6 +96,8 @@ class AnchorGenerator:
                      device: torch.device | str = "cpu") -> list[Tensor]:
         """One (H*W*A, 4) tensor per level; cached per (sizes, device). Do not modify the result in place."""
         self._check_levels(featmap_sizes)
+        if exporting():  # the graph computes the grids (a cache key would freeze the traced sizes)
+            return [self.single_level_grid_anchors(size, i, device) for i, size in enumerate(featmap_sizes)]
         key = (tuple((int(h), int(w)) for h, w in featmap_sizes), str(torch.device(device)))
         hit = self._cache.get(key)
         if hit is not None:

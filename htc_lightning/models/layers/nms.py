@@ -3,6 +3,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
+from .tracing import exporting, known_empty
+
 _SOFT_METHODS = ("linear", "gaussian", "naive")
 
 
@@ -12,9 +14,14 @@ def _class_offsets(boxes: Tensor, idxs: Tensor) -> Tensor:
     # identical to mmdet's.
     # in float32: class offsets reach ~80 * 1334, past fp16's range
     boxes = boxes.float()
-    if boxes.numel() == 0:
+    if known_empty(boxes.numel()):
         return boxes
-    max_coordinate = boxes.max()
+    if exporting():
+        # the traced graph must also run on zero boxes, where max() has no value; every exported caller's
+        # boxes are clipped to the image (>= 0), so a 0 added to the set leaves the maximum as it is
+        max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    else:
+        max_coordinate = boxes.max()
     return boxes + (idxs.to(boxes) * (max_coordinate + 1))[:, None]
 
 
@@ -25,11 +32,13 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     mmcv's ``batched_nms`` semantics: below ``split_thr`` boxes one torchvision ``nms`` on class-offset boxes,
     otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``. ``num_classes`` (when ``idxs`` lie
     in 0..num_classes-1) saves reading the largest class id from the device."""
-    if boxes.shape[0] == 0:
+    if known_empty(boxes.shape[0]):
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if class_agnostic:
         return nms(boxes.float(), scores.float(), float(iou_threshold))
     shifted = _class_offsets(boxes, idxs)
+    if exporting():
+        return _traced_batched_nms(shifted, scores, idxs, iou_threshold, split_thr, num_classes)
     if boxes.shape[0] < split_thr:
         return nms(shifted, scores.float(), float(iou_threshold))
     # the boxes grouped by class with one host transfer of the group sizes (not a unique and a nonzero per
@@ -51,11 +60,42 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return _by_score(keep, scores[keep])[0]
 
 
+def _traced_batched_nms(shifted: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, split_thr: int,
+                        num_classes: int | None) -> Tensor:
+    """``batched_nms`` in a graph, where the count of boxes is known only when it runs: both of mmcv's paths
+    are traced, each fed the boxes only when it is the one that applies (the other gets none), and the kept
+    indices are put in ``_by_score`` order, which is also torchvision's ``nms`` order (a stable descending
+    sort of the scores), so the result equals eager mode's either way."""
+    if num_classes is None:
+        raise ValueError("batched_nms: exporting needs num_classes (the graph cannot read the largest class id)")
+    n = shifted.shape[0]
+    scores = scores.float()
+    small = torch.full((), n, device=shifted.device) < split_thr
+    num_small = torch.where(small, n, 0).item()
+    torch._check(num_small >= 0)
+    torch._check(num_small <= n)
+    kept = [nms(shifted[:num_small], scores[:num_small], float(iou_threshold))]
+    labels = idxs[num_small:].long()
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        kept.append(members[nms(shifted[num_small:][members], scores[num_small:][members], float(iou_threshold))])
+    keep = torch.cat(kept)
+    return _by_score(keep, scores[keep])[0]
+
+
 def _by_score(inds: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """Sort by decreasing score, ties by increasing index (the order a greedy pass over all boxes picks them)."""
     by_index = inds.argsort()
     inds, scores = inds[by_index], scores[by_index]
+    if exporting():
+        # ONNX has no stable sort; its TopK orders equal values by index, which is what the stable sort gives
+        return _by_score_traced(inds, scores)
     by_score = scores.sort(descending=True, stable=True).indices
+    return inds[by_score], scores[by_score]
+
+
+def _by_score_traced(inds: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    by_score = scores.topk(scores.shape[0]).indices
     return inds[by_score], scores[by_score]
 
 
@@ -180,7 +220,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     # strict '>' as mmdet
     inds = (flat_scores > score_thr).nonzero().squeeze(1)
     flat_boxes, flat_scores, flat_labels = flat_boxes[inds], flat_scores[inds], flat_labels[inds]
-    if inds.numel() == 0:
+    if known_empty(inds.numel()):
         return flat_boxes, flat_scores, flat_labels, inds // max(num_classes, 1)
     if nms_type == "nms":
         keep = batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, num_classes=num_classes)

@@ -32,6 +32,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align as tv_roi_align
 
+from .tracing import exporting
+
 # Bound on the bytes of one chunk's intermediates. Small enough for the allocator to recycle the buffers from
 # chunk to chunk: fresh large allocations pay a page fault per 4 KiB and cost more than the arithmetic.
 _CHUNK_BYTES = 8 * 2**20
@@ -375,4 +377,9 @@ def roi_align(feat: Tensor, rois: Tensor, output_size: int | Sequence[int], spat
     avg_pool = int(avg_pool)
     if avg_pool < 1 or size[0] % avg_pool or size[1] % avg_pool:
         raise ValueError(f"roi_align: avg_pool {avg_pool} must be >= 1 and divide output_size {size}")
+    if exporting():
+        # torchvision's op is what the exporters know (a fake kernel for torch.export, RoiAlign in ONNX); the
+        # vectorised CPU path is a different program of the same numbers (up to float summation order)
+        out = tv_roi_align(feat, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned))
+        return F.avg_pool2d(out, avg_pool) if avg_pool > 1 else out
     return _RoIAlign.apply(feat, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned), avg_pool)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from htc_lightning.models.layers.roi_align import roi_align
+from htc_lightning.models.layers.tracing import exporting, known_empty
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -48,12 +49,14 @@ class MultiLevelRoIAlign(nn.Module):
         dtype = feats[0].dtype
         rois_t = rois.to(dtype)
         if num_levels == 1:
-            if rois.shape[0] == 0:
+            if known_empty(rois.shape[0]):
                 out_size = (self.output_size // avg_pool,) * 2
                 return feats[0].new_zeros(0, feats[0].shape[1], *out_size) + feats[0].sum() * 0
             return roi_align(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
                              self.aligned, avg_pool)
         levels = self.map_roi_levels(rois, num_levels)
+        if exporting():
+            return self._traced_levels(feats, rois_t, levels, avg_pool)
         # RoIs grouped by level with one host transfer of the group sizes (a mask and nonzero per level would
         # wait for the device once per level); stable, so each level keeps its RoIs in input order
         order = torch.argsort(levels, stable=True)
@@ -78,4 +81,16 @@ class MultiLevelRoIAlign(nn.Module):
             if out.shape[0] == 0:
                 return out + unused
             out[:1] = out[:1] + unused  # a one-row op, not a copy of the whole output
+        return out
+
+    def _traced_levels(self, feats: Sequence[Tensor], rois: Tensor, levels: Tensor, avg_pool: int) -> Tensor:
+        """``forward``'s per-level pooling in a graph, where the group sizes are known only when it runs: each
+        level's RoIs by a nonzero (index order, as the stable sort's groups), written to their rows."""
+        size = self.output_size // avg_pool
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], size, size)
+        for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
+            inds = (levels == level).nonzero().squeeze(1)
+            pooled = roi_align(feat, rois.index_select(0, inds), (self.output_size, self.output_size), 1.0 / stride,
+                               self.sampling_ratio, self.aligned, avg_pool)
+            out = out.index_copy(0, inds, pooled)
         return out

@@ -17,6 +17,7 @@ from ..layers.box_coder import BoxCoder
 from ..layers.deform_conv import DeformConv2d  # float32 under autocast
 from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
+from ..layers.tracing import exporting
 from .base import (
     anchor_targets,
     default_anchor_assigner,
@@ -215,7 +216,7 @@ class GARPN(nn.Module):
             per_level = []
             for cls, reg, shape, loc, sq in zip(cls_scores, bbox_preds, shape_preds, loc_preds, squares, strict=True):
                 keep = self.location_mask(loc[b, 0]).reshape(-1)
-                if not bool(keep.any()):
+                if not exporting() and not bool(keep.any()):  # a graph runs the level's empty selection
                     continue
                 scores = cls[b, 0].detach().reshape(-1)[keep].sigmoid()
                 deltas = reg[b].detach().permute(1, 2, 0).reshape(-1, 4)[keep]
@@ -231,7 +232,7 @@ class GARPN(nn.Module):
                 results.append(cls_scores[0].new_zeros(0, 5))
                 continue
             props = torch.cat(per_level)
-            top = props[:, 4].topk(min(max_per_img, props.shape[0])).indices
+            top = props[:, 4].topk(torch.sym_min(max_per_img, props.shape[0])).indices
             results.append(props[top])
         return results
 

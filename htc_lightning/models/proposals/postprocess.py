@@ -10,6 +10,7 @@ from torchvision.ops import nms
 
 from ..layers.box_coder import BoxCoder
 from ..layers.nms import batched_nms
+from ..layers.tracing import exporting, known_empty
 
 # How the best ``nms_pre`` scores are picked. The two agree on the set except among scores tied at the cut and
 # may order tied scores differently; each head uses its mmdet head's rule so that the same inputs keep the
@@ -20,6 +21,8 @@ TieRule = Literal["sort", "topk"]
 def top_scores(scores: Tensor, k: int, ties: TieRule) -> tuple[Tensor, Tensor | None]:
     """The ``k`` best of ``scores`` along the last dim, best first, as (values, indices); all of them, in place,
     when ``k <= 0`` or there are no more than ``k`` (indices None then: nothing to gather)."""
+    if k > 0 and exporting():
+        return _traced_top_scores(scores, k, ties)
     if not 0 < k < scores.shape[-1]:
         return scores, None
     if ties == "sort":
@@ -30,15 +33,32 @@ def top_scores(scores: Tensor, k: int, ties: TieRule) -> tuple[Tensor, Tensor | 
     raise ValueError(f"top_scores: ties {ties!r} is not 'sort' (mmdet's RPNHead) or 'topk' (GuidedAnchorHead)")
 
 
+def _traced_top_scores(scores: Tensor, k: int, ties: TieRule) -> tuple[Tensor, Tensor]:
+    """``top_scores`` for a graph that must hold whether or not a level has more than ``k`` scores (its size
+    follows the image's, or a location filter's count): both cases are computed and the one that applies is
+    selected, so a level with at most ``k`` keeps its scores in place, as in eager mode."""
+    n = scores.shape[-1]
+    if ties == "sort":
+        order = scores.sort(dim=-1, descending=True).indices[..., :k]
+    elif ties == "topk":
+        order = scores.topk(torch.sym_min(k, n), dim=-1).indices
+    else:
+        raise ValueError(f"top_scores: ties {ties!r} is not 'sort' (mmdet's RPNHead) or 'topk' (GuidedAnchorHead)")
+    in_place = torch.arange(n, device=scores.device)[:k].expand_as(order)
+    cut = torch.full((), n, device=scores.device) > k
+    order = torch.where(cut, order, in_place)
+    return torch.gather(scores, -1, order), order
+
+
 def decode_and_suppress(coder: BoxCoder, anchors: Tensor, deltas: Tensor, scores: Tensor, img_size: tuple[int, int],
                         min_bbox_size: float, iou_threshold: float, max_num: int,
-                        level_ids: Tensor | None = None) -> Tensor:
+                        level_ids: Tensor | None = None, num_levels: int | None = None) -> Tensor:
     """One image's anchors (N, 4), deltas (N, 4) and objectness (N,) -> proposals (K, 5) [x1, y1, x2, y2, score]
     by decreasing score: decode clipped to ``img_size``, drop boxes not wider and taller than ``min_bbox_size``
     (so with 0 degenerate boxes go; a negative size keeps all), NMS, the best ``max_num``.
 
     ``level_ids`` (N,) makes the NMS per level at once (mmdet's RPNHead: ``batched_nms`` with the level as
-    the class); without them the boxes are one level's (GARPNHead's per-level ``nms``)."""
+    the class, ``num_levels`` of them); without them the boxes are one level's (GARPNHead's per-level ``nms``)."""
     boxes = coder.decode(anchors, deltas, max_shape=img_size)
     if min_bbox_size >= 0:
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -46,12 +66,12 @@ def decode_and_suppress(coder: BoxCoder, anchors: Tensor, deltas: Tensor, scores
         keep = ((w > min_bbox_size) & (h > min_bbox_size)).nonzero().squeeze(1)
         boxes, scores = boxes[keep], scores[keep]
         level_ids = None if level_ids is None else level_ids[keep]
-    if boxes.shape[0] == 0:
+    if known_empty(boxes.shape[0]):
         return boxes.new_zeros(0, 5)
     if level_ids is None:
         keep = nms(boxes, scores, float(iou_threshold))
     else:
-        keep = batched_nms(boxes, scores, level_ids, iou_threshold)
+        keep = batched_nms(boxes, scores, level_ids, iou_threshold, num_classes=num_levels)
     keep = keep[:max_num]
     return torch.cat([boxes[keep], scores[keep, None]], dim=1)
 

@@ -119,7 +119,7 @@ class RPN(nn.Module):
         scores, deltas, anchors = torch.cat(level_scores, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors, 1)
         level_ids = torch.cat(level_ids)
         return [decode_and_suppress(self.box_coder, anchors[b], deltas[b], scores[b], img_size, self.min_bbox_size,
-                                    self.nms_iou, max_per_img, level_ids)
+                                    self.nms_iou, max_per_img, level_ids, len(level_scores))
                 for b, img_size in enumerate(img_sizes)]
 
     def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:

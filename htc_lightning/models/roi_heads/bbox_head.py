@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..layers.box_coder import BoxCoder
 from ..layers.losses import cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.samplers import SamplingResult
+from ..layers.tracing import known_empty
 
 
 class Shared2FCBBoxHead(nn.Module):
@@ -118,7 +119,7 @@ class Shared2FCBBoxHead(nn.Module):
             return cls_score.new_zeros(()).detach()
         return (cls_score.detach().argmax(1) == labels).float().sum() * (100.0 / labels.numel())
 
-    def regress(self, rois: Tensor, bbox_pred: Tensor, img_sizes: Sequence[tuple[int, int]],
+    def regress(self, rois: Tensor, bbox_pred: Tensor, img_sizes: Sequence[tuple[int, int]] | Tensor,
                 labels: Tensor | None = None) -> Tensor:
         """Decode ``bbox_pred`` on ``rois`` (K, 5), each box clipped to its own image's (h, w) (mmdet's
         ``regress_by_class``). Returns (K, 4) in the order of ``rois``; with per-class deltas the ones of
@@ -126,7 +127,10 @@ class Shared2FCBBoxHead(nn.Module):
         if not self.reg_class_agnostic and labels is not None:
             bbox_pred = bbox_pred.view(len(bbox_pred), -1, 4)[torch.arange(len(bbox_pred)), labels]
         # decoded in float32: under autocast the fp16 deltas would quantise 1333-px coordinates to 0.5-1 px
-        if rois.shape[0] == 0:
+        if known_empty(rois.shape[0]):
             return rois.new_zeros(0, bbox_pred.shape[1], dtype=torch.float32)
-        sizes = torch.tensor([tuple(s) for s in img_sizes], dtype=torch.float32, device=rois.device)
+        if isinstance(img_sizes, Tensor):  # (B, 2), as an exported graph takes the image size: an input
+            sizes = img_sizes.to(device=rois.device, dtype=torch.float32)
+        else:
+            sizes = torch.tensor([tuple(s) for s in img_sizes], dtype=torch.float32, device=rois.device)
         return self.coder.decode(rois[:, 1:].float(), bbox_pred.float(), max_shape=sizes[rois[:, 0].long()])

@@ -32,7 +32,7 @@ _NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     """Per-image (N_i, 4+) boxes -> (sum N_i, 5) RoIs whose first column is the image index."""
-    rois = [torch.cat([b.new_full((len(b), 1), float(i)), b[:, :4]], 1) for i, b in enumerate(boxes)]
+    rois = [torch.cat([b.new_full((b.shape[0], 1), float(i)), b[:, :4]], 1) for i, b in enumerate(boxes)]
     return torch.cat(rois) if rois else torch.zeros(0, 5)
 
 
@@ -309,7 +309,7 @@ class CascadeRoIHead(nn.Module):
         return boxes, valid
 
     # ---- inference ------------------------------------------------------------------------------------------
-    def refine_and_score(self, feats: Sequence[Tensor], rois: Tensor, img_sizes: Sequence[tuple[int, int]],
+    def refine_and_score(self, feats: Sequence[Tensor], rois: Tensor, img_sizes: Sequence[tuple[int, int]] | Tensor,
                          semantic_feat: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The test-time cascade on ``rois`` (K, 5): regress between stages (clipped to each image), average the
         stages' class logits, softmax; decode with the last stage. Returns (scores (K, C + 1), boxes (K, 4), or
@@ -324,7 +324,7 @@ class CascadeRoIHead(nn.Module):
                 rois = torch.cat([rois[:, :1], self.bbox_head[t].regress(rois, bbox_pred, img_sizes, labels)], 1)
         boxes = self.bbox_head[-1].regress(rois, bbox_pred, img_sizes)
         scores = F.softmax(torch.stack(ms_logits).mean(0), dim=-1)
-        return scores, boxes.view(len(boxes), -1, 4).squeeze(1)
+        return scores, boxes.view(boxes.shape[0], -1, 4).squeeze(1)
 
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], metas: Sequence[ImageMeta],
                 rescale: bool = True) -> list[Detections]:

@@ -67,7 +67,7 @@ class FCNMaskHead(nn.Module):
         if labels is None:
             return self.conv_logits(up), feat
         weight = self.conv_logits.weight[labels, :, 0, 0]                     # (N, C)
-        logits = torch.bmm(weight[:, None, :], up.flatten(2)).view(len(up), *up.shape[-2:])
+        logits = torch.bmm(weight[:, None, :], up.flatten(2)).view(up.shape[0], *up.shape[-2:])
         return logits + self.conv_logits.bias[labels, None, None], feat
 
     def loss(self, mask_logits: Tensor, samples: Sequence[SamplingResult], gt_masks: Sequence[Tensor]) -> Tensor:
