@@ -154,6 +154,9 @@ class DetectionModule(pl.LightningModule):
         losses = self.compute_loss(batch, metrics)
         finite = self.check_losses(losses, batch_idx)
         batch_size = len(batch[1])
+        if "skipped" in batch[1][0].get("meta", {}):  # CocoDataModule(bad_images="skip"): samples replaced
+            self.log("train/skipped_images", float(sum(len(t["meta"]["skipped"]) for t in batch[1])), reduce_fx="sum",
+                     on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
         if self.nan_policy == "skip":
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
         if not finite:
