@@ -253,9 +253,7 @@ class CocoDetection(Dataset):
         if self.bad_images == "error":
             return self.load(index, encoded)
         skipped: list[tuple[str, str]] = []
-        group = self._aspect_group(index)
-        candidate = index
-        for _ in range(len(self)):
+        for candidate in self._replacements(index):
             if candidate in self.bad_indices:
                 skipped.append((str(self.image_dir / self.records[candidate][0]["file_name"]), "found by check_images"))
             else:
@@ -268,7 +266,6 @@ class CocoDetection(Dataset):
                     return image, target
             if len(skipped) > _MAX_REPLACEMENTS:
                 break
-            candidate = self._next_of_group(candidate, group)
         listed = "; ".join(f"{p}: {r}" for p, r in skipped[:_SHOWN_IDS])
         raise BadImageError(self.image_dir, f"bad_images=skip found {len(skipped)} bad image(s) in a row from sample "
                                             f"{index} ({listed}, ...): the data looks broken at large",
@@ -278,13 +275,18 @@ class CocoDetection(Dataset):
         info = self.records[index][0]
         return int(info.get("width", 1) < info.get("height", 0))
 
-    def _next_of_group(self, index: int, group: int) -> int:
-        """The next index (cyclically) with the same aspect group, so a grouped batch keeps one orientation."""
+    def _replacements(self, index: int):
+        """``index``, then the following indices (cyclically) of its aspect group, so that a grouped batch keeps
+        one orientation, then the others: the order depends on the dataset only."""
+        group, others = self._aspect_group(index), []
+        yield index
         for step in range(1, len(self)):
             candidate = (index + step) % len(self)
             if self._aspect_group(candidate) == group:
-                return candidate
-        return (index + 1) % len(self)
+                yield candidate
+            else:
+                others.append(candidate)
+        yield from others
 
     def check_images(self, num_threads: int = 16, decode: bool = False, rank: int = 0,
                      world_size: int = 1) -> list[ImageProblem]:

@@ -41,7 +41,11 @@ class BadImageError(OSError):
     """An image file that cannot be used: undecodable, truncated, of an unsupported mode, or not of the size its
     annotation file says. ``path`` and ``reason`` are kept for reports."""
 
-    def __init__(self, path: str | Path, reason: str, hint: str = FIX_HINT):
+    def __init__(self, path: str | Path, reason: str | None = None, hint: str = FIX_HINT):
+        if reason is None:  # one argument: a whole message (how DataLoader workers re-raise an exception)
+            self.path, self.reason = "", str(path)
+            super().__init__(str(path))
+            return
         self.path, self.reason = str(path), reason
         super().__init__(f"bad image {path}: {reason}; {hint}" if hint else f"bad image {path}: {reason}")
 
