@@ -305,3 +305,45 @@ def test_masks_of_a_real_photo_are_those_of_the_dense_path_at_every_scale(root):
             _, expected = transform(image, raw, generator=torch.Generator().manual_seed(3))
             assert target["masks"].dtype == torch.uint8 and torch.equal(target["masks"], expected["masks"]), scale
             assert np.array_equal(target["boxes"].numpy(), expected["boxes"].numpy())
+
+
+# -- phone photos and 16-bit files in a dataset ------------------------------------------------------------
+
+
+def test_an_exif_rotated_phone_photo_trains_upright_with_its_annotations(root):
+    path = root / "train2017" / "000000483330.jpg"
+    upright = Image.open(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side, tagged "turn 90 degrees clockwise"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes(), quality=95)
+    ds = CocoDetection(_ann(root), root / "train2017", train=True)  # the json keeps the upright 400x302
+    image, target = ds.load(_index(ds, path.name))
+    assert image.shape == (3, 302, 400) and target["masks"].shape[1:] == (302, 400)
+    assert (image.float() - torch.from_numpy(np.array(upright)).permute(2, 0, 1).float()).abs().mean() < 3
+
+
+def test_an_exif_rotated_photo_whose_json_gives_the_stored_size_is_a_bad_image(root):
+    path = root / "train2017" / "000000483330.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.open(path).save(path, exif=exif.tobytes(), quality=95)  # pixels unchanged, tag says turn them
+    ds = _dataset(root)
+    with pytest.raises(BadImageError, match="EXIF orientation 8 turns it upright to 302x400"):
+        ds[_index(ds, path.name)]
+    assert "EXIF orientation 8" in _check_error(root)
+
+
+def _check_error(root) -> str:
+    """The error of a data module with check_images=True at set-up."""
+    with pytest.raises(ValueError) as info:
+        CocoDataModule(str(root), check_images=True, num_workers=0).setup("fit")
+    return str(info.value)
+
+
+def test_a_sixteen_bit_png_in_the_dataset_trains_as_its_picture_not_white(root):
+    gray = np.array(Image.open(root / "train2017" / "000000139270.jpg").convert("L"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "train2017" / "000000139270.png")
+    _edit(root, lambda d: [i.update(file_name="000000139270.png") for i in d["images"] if i["id"] == 139270])
+    ds = CocoDetection(_ann(root), root / "train2017", train=True)
+    image, _ = ds.load(_index(ds, "000000139270.png"))
+    assert torch.equal(image[0], torch.from_numpy(gray)) and image.float().mean() < 200
