@@ -150,6 +150,9 @@ class DetectionModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         metrics: dict[str, Tensor] = {}
         losses = self.compute_loss(batch, metrics)
+        if "skipped" in batch[1][0].get("meta", {}):  # CocoDataModule(bad_images="skip"): samples replaced
+            self.log("train/skipped_images", float(sum(len(t["meta"]["skipped"]) for t in batch[1])), reduce_fx="sum",
+                     on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch[1]))
         total = self.sum_losses(losses)
         # checked with the gradients in on_before_optimizer_step, in the step's one host-device sync (a NaN
         # loss runs its backward; the step is then skipped or stopped before the optimiser touches a weight)

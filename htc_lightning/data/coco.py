@@ -1,12 +1,15 @@
 """COCO instance-segmentation dataset (optionally with COCO-Stuff label maps) and a plain image folder.
 
-The annotation file is checked once, when the dataset is built: a bad category id is an error, degenerate
-boxes and polygons are dropped and reported in one warning per kind, missing image files are an error (or
-skipped with a warning). Image decoding errors and stuff-map size mismatches surface when the image is read.
+The annotation file is checked once, when the dataset is built: a bad category id, a duplicate image or
+annotation id and a non-finite coordinate are errors, degenerate boxes and polygons are dropped and reported in
+one warning per kind, missing image files are an error (or skipped with a warning). A bad image file (see
+``images.py``) surfaces when it is read, or at once for all files with :meth:`CocoDetection.check_images`;
+``bad_images="skip"`` replaces such a sample by another instead of failing.
 """
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,32 +23,26 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .encoded_masks import EncodedMasks
+from .images import BadImageError, ImageProblem, check_images, read_rgb
+
 Transform = Callable[..., tuple[Tensor, dict]]  # (image, target[, generator=]) -> (image, target)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _SHOWN_IDS = 5  # how many offending annotation ids a warning lists
+_MAX_REPLACEMENTS = 16  # bad_images="skip": bad samples tried in a row before giving up
 
 
-def load_json(path: str | Path) -> dict:
-    """Parses a JSON file; a syntax error names the file, line and column."""
+def load_json(path: str | Path, **kwargs) -> dict:
+    """Parses a JSON file (``kwargs`` go to ``json.load``); a syntax error names the file, line and column."""
     path = Path(path)
     try:
         with open(path) as f:
-            return json.load(f)
+            return json.load(f, **kwargs)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
 
-def load_rgb(path: str | Path) -> Tensor:
-    """Decodes an image file to uint8 (3, H, W) RGB; grayscale, palette, RGBA and CMYK are converted."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # PIL decodes lazily: force it so a truncated file fails here, naming the file
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            array = np.array(rgb)
-    except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
-        raise OSError(f"cannot decode image {path}: {e}") from e
-    # A channels-last view: torchvision's uint8 resize takes its fast path on it, no copy needed here.
-    return torch.from_numpy(array).permute(2, 0, 1)
+load_rgb = read_rgb  # the name other modules import
 
 
 def _ann_ids(ids: list[int]) -> str:
@@ -53,15 +50,29 @@ def _ann_ids(ids: list[int]) -> str:
     return shown + (", ..." if len(ids) > _SHOWN_IDS else "")
 
 
+def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
+    """Polygon list, uncompressed RLE or compressed RLE -> compressed RLE of an (H, W) image."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
     """Polygon list, uncompressed RLE or compressed RLE -> (H, W) uint8."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return mask_utils.decode(rle)
+    return mask_utils.decode(segmentation_to_rle(segmentation, height, width))
+
+
+def _non_finite(values) -> bool:
+    return any(not isinstance(v, int | float) or not math.isfinite(v) for v in values)
+
+
+def _duplicates(ids: list) -> dict:
+    seen: dict = {}
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+    return {i: n for i, n in seen.items() if n > 1}
 
 
 class CocoDetection(Dataset):
@@ -70,18 +81,34 @@ class CocoDetection(Dataset):
     Labels are contiguous: label ``i`` is category ``cat_ids[i]``. With ``train=True`` images without a
     usable (non-crowd) annotation are left out, as detectors cannot learn from them (mmdet's
     ``filter_empty_gt``); evaluation splits keep every image.
+
+    ``bad_images``: a file that cannot be decoded or is not of its annotated size is an ``"error"`` naming
+    it, or with ``"skip"`` is replaced by the next sample of the same orientation (deterministic, so a resumed
+    run sees the same data); the replacement's ``meta["skipped"]`` lists ``(file, reason)`` of the samples it
+    stands for (empty when none), which ``CocoDataModule`` reports and ``DetectionModule`` counts.
+    ``bad_indices`` (e.g. from :meth:`check_images`) are replaced without being read.
     """
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, transform: Transform | None = None,
                  stuff_dir: str | Path | None = None, train: bool = False,
-                 missing_images: Literal["error", "skip"] = "error", cat_ids: list[int] | None = None):
+                 missing_images: Literal["error", "skip"] = "error", cat_ids: list[int] | None = None,
+                 bad_images: Literal["error", "skip"] = "error"):
         if missing_images not in ("error", "skip"):
             raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+        self.bad_images = bad_images
+        self.bad_indices: set[int] = set()
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.stuff_dir = Path(stuff_dir) if stuff_dir is not None else None
         self.transform = transform
-        data = load_json(self.ann_file)
+        # NaN / Infinity literals (json.dumps writes them) are noted while parsing, so the coordinates of a clean
+        # file are not walked a second time.
+        literals: list[str] = []
+        data = load_json(self.ann_file, parse_constant=lambda name: literals.append(name) or float(name))
+        # an evaluation split without ground truth would score -1 everywhere (CocoDataModule refuses it)
+        self.num_annotations = len(data.get("annotations") or [])
         categories = sorted(data.get("categories", []), key=lambda c: c["id"])
         self.cat_ids = list(cat_ids) if cat_ids is not None else [c["id"] for c in categories]
         names = {c["id"]: c.get("name", str(c["id"])) for c in categories}
@@ -90,6 +117,7 @@ class CocoDetection(Dataset):
         known_cats = set(names) | set(self.cat_ids)
 
         images = {img["id"]: img for img in data.get("images", [])}
+        self._check_unique_ids(data)
         anns_by_image: dict[int, list[dict]] = defaultdict(list)
         bad_boxes: list[int] = []
         bad_poly_anns: list[int] = []
@@ -105,7 +133,16 @@ class CocoDetection(Dataset):
                                  f"is not in 'images'")
             if ann["category_id"] not in self.cat_to_label:
                 continue  # a category the caller chose not to train on
-            x, y, w, h = ann["bbox"]
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4 or _non_finite(bbox) or _non_finite([ann.get("area", 1)]):
+                raise ValueError(f"annotation {ann_id} (image {ann['image_id']}) in {self.ann_file}: bbox {bbox} and "
+                                 f"area {ann.get('area')} must be finite numbers, bbox as [x, y, width, height]: "
+                                 "fix or remove the annotation")
+            if literals and isinstance(ann.get("segmentation"), list) and any(
+                    _non_finite(part) for part in ann["segmentation"]):
+                raise ValueError(f"annotation {ann_id} (image {ann['image_id']}) in {self.ann_file}: its polygon has a "
+                                 "non-finite coordinate (NaN or Infinity): fix or remove the annotation")
+            x, y, w, h = bbox
             info = images[ann["image_id"]]
             inside_w = min(x + w, info.get("width", x + w)) - max(x, 0)
             inside_h = min(y + h, info.get("height", y + h)) - max(y, 0)
@@ -156,6 +193,16 @@ class CocoDetection(Dataset):
             warnings.warn(message + " (skipped)", stacklevel=2)
         self.records = records
 
+    def _check_unique_ids(self, data: dict) -> None:
+        # pycocotools indexes both by id: a repeated id silently merges two images (or annotations) into one
+        for kind, items in (("image", data.get("images", [])), ("annotation", data.get("annotations") or [])):
+            repeated = _duplicates([item.get("id") for item in items])
+            if repeated:
+                listed = ", ".join(f"{i} ({n} times)" for i, n in list(repeated.items())[:_SHOWN_IDS])
+                more = ", ..." if len(repeated) > _SHOWN_IDS else ""
+                raise ValueError(f"{self.ann_file}: {len(repeated)} {kind} id(s) are used more than once: "
+                                 f"{listed}{more}. Each {kind} needs its own id: renumber them")
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -168,21 +215,20 @@ class CocoDetection(Dataset):
         """0 for landscape (w >= h), 1 for portrait, from the annotation file (no decoding)."""
         return [int(info["width"] < info["height"]) for info, _ in self.records]
 
-    def load(self, index: int) -> tuple[Tensor, dict]:
-        """The image (uint8 (3, H, W)) and its annotations in the original frame."""
+    def load(self, index: int, encoded_masks: bool = False) -> tuple[Tensor, dict]:
+        """The image (uint8 (3, H, W), upright) and its annotations in the original frame; ``encoded_masks``
+        keeps the masks as :class:`EncodedMasks` for the transform to decode at its output size."""
         info, anns = self.records[index]
         path = self.image_dir / info["file_name"]
-        image = load_rgb(path)
+        expected = (info["width"], info["height"]) if "width" in info and "height" in info else None
+        image = read_rgb(path, expected)
         height, width = image.shape[-2:]
-        if (info.get("height", height), info.get("width", width)) != (height, width):
-            raise ValueError(f"image {path} is {width}x{height} but {self.ann_file} says "
-                             f"{info.get('width')}x{info.get('height')}")
         things = [a for a in anns if not a.get("iscrowd", 0)]
         crowd = [a for a in anns if a.get("iscrowd", 0)]
         target = {
             "boxes": _xywh_to_xyxy([a["bbox"] for a in things]),
             "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in things], dtype=torch.int64),
-            "masks": self._masks(things, height, width),
+            "masks": self._rles(things, height, width) if encoded_masks else self._masks(things, height, width),
             "crowd_boxes": _xywh_to_xyxy([a["bbox"] for a in crowd]),
             "meta": {"image_id": int(info["id"]), "file_name": str(info["file_name"]),
                      "orig_size": (int(height), int(width))},
@@ -195,12 +241,80 @@ class CocoDetection(Dataset):
         """``dataset[i]``, or ``dataset[(i, seed)]`` to draw the augmentation from ``seed`` (see
         ``GroupedBatchSampler(with_seeds=True)``)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image, target = self.load(index)
+        image, target = self._load_or_replace(index)
         if self.transform is None:
             return image, target
         if seed is None:
             return self.transform(image, target)
         return self.transform(image, target, generator=torch.Generator().manual_seed(seed))
+
+    def _load_or_replace(self, index: int) -> tuple[Tensor, dict]:
+        encoded = self.transform is not None
+        if self.bad_images == "error":
+            return self.load(index, encoded)
+        skipped: list[tuple[str, str]] = []
+        for candidate in self._replacements(index):
+            if candidate in self.bad_indices:
+                skipped.append((str(self.image_dir / self.records[candidate][0]["file_name"]), "found by check_images"))
+            else:
+                try:
+                    image, target = self.load(candidate, encoded)
+                except BadImageError as e:
+                    skipped.append((e.path, e.reason))
+                else:
+                    target["meta"]["skipped"] = skipped
+                    return image, target
+            if len(skipped) > _MAX_REPLACEMENTS:
+                break
+        listed = "; ".join(f"{p}: {r}" for p, r in skipped[:_SHOWN_IDS])
+        raise BadImageError(self.image_dir, f"bad_images=skip found {len(skipped)} bad image(s) in a row from sample "
+                                            f"{index} ({listed}, ...): the data looks broken at large",
+                            hint="check it with `python -m htc_lightning.tools.check_dataset`")
+
+    def _aspect_group(self, index: int) -> int:
+        info = self.records[index][0]
+        return int(info.get("width", 1) < info.get("height", 0))
+
+    def _replacements(self, index: int):
+        """``index``, then the following indices (cyclically) of its aspect group, so that a grouped batch keeps
+        one orientation, then the others: the order depends on the dataset only."""
+        group, others = self._aspect_group(index), []
+        yield index
+        for step in range(1, len(self)):
+            candidate = (index + step) % len(self)
+            if self._aspect_group(candidate) == group:
+                yield candidate
+            else:
+                others.append(candidate)
+        yield from others
+
+    def check_images(self, num_threads: int = 16, decode: bool = False, rank: int = 0,
+                     world_size: int = 1) -> list[ImageProblem]:
+        """Every bad image file of this split (``images.check_image``: header, size, mode, EXIF, end marker;
+        ``decode`` decodes each file fully), ``ImageProblem.index`` being the dataset index. With ``world_size``
+        > 1 this rank checks its share only (the caller gathers)."""
+        indices = list(range(rank, len(self), world_size))
+        items = []
+        for i in indices:
+            info = self.records[i][0]
+            size = (info["width"], info["height"]) if "width" in info and "height" in info else None
+            items.append((self.image_dir / info["file_name"], size))
+        found = check_images(items, num_threads, decode)
+        return [ImageProblem(indices[p.index], p.path, p.reason) for p in found]
+
+    def _rles(self, anns: list[dict], height: int, width: int) -> EncodedMasks:
+        rles = []
+        for ann in anns:
+            try:
+                rle = segmentation_to_rle(ann["segmentation"], height, width)
+            except Exception as e:  # pycocotools raises bare Exceptions on malformed RLE
+                raise ValueError(f"annotation {ann.get('id')} in {self.ann_file}: cannot decode segmentation: "
+                                 f"{e}") from e
+            if list(rle.get("size", ())) != [height, width]:
+                raise ValueError(f"annotation {ann.get('id')} in {self.ann_file}: its RLE is of size {rle.get('size')}"
+                                 f" but its image is {height}x{width} (height x width)")
+            rles.append(rle)
+        return EncodedMasks(rles, height, width)
 
     def _masks(self, anns: list[dict], height: int, width: int) -> Tensor:
         masks = np.zeros((len(anns), height, width), np.uint8)

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import signal
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._lightning_compat import uses_distributed_sampler
 from .coco import CocoDetection, ImageFolder, load_json
+from .images import problem_report
 from .samplers import GroupedBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
 
@@ -36,6 +39,12 @@ class CocoDataModule(pl.LightningDataModule):
         batch_size, val_batch_size: images per batch and rank.
         num_workers: DataLoader worker processes.
         missing_images: an image listed but absent is an ``"error"`` at setup, or ``"skip"`` (a warning).
+        bad_images: an image file that cannot be decoded or is not of its annotated size is an ``"error"``
+            naming it, or with ``"skip"`` is replaced by another sample (deterministically) and reported once
+            per rank; training logs ``train/skipped_images`` (per epoch, all ranks).
+        check_images: at setup, read every image's header (size, mode, EXIF orientation, end marker; threads,
+            the files shared across ranks) and report all bad files at once: an error with
+            ``bad_images="error"``, else a warning, and they are replaced without being read.
         group_by_aspect_ratio: training batches hold only landscape or only portrait images.
         categories: the label table (``[{"id": ..., "name": ...}, ...]`` in label order), e.g. from a
             checkpoint (the CLI fills it from ``--ckpt_path``): then no annotation file is needed (``predict``),
@@ -58,7 +67,8 @@ class CocoDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                  batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 2,
                  missing_images: Literal["error", "skip"] = "error", group_by_aspect_ratio: bool = True,
-                 seed: int = 0, categories: list[dict] | None = None):
+                 seed: int = 0, categories: list[dict] | None = None,
+                 bad_images: Literal["error", "skip"] = "error", check_images: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.data_root = Path(data_root)
@@ -77,6 +87,8 @@ class CocoDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.num_workers = num_workers
         self.missing_images = missing_images
+        self.bad_images, self.check_images = bad_images, check_images
+        self._reported_bad: set[str] = set()  # skipped files already reported by this rank
         self.group_by_aspect_ratio = group_by_aspect_ratio
         self.seed = seed
         self.train_dataset: CocoDetection | None = None
@@ -154,22 +166,67 @@ class CocoDataModule(pl.LightningDataModule):
                                            self.flip_prob, self.mean, self.std)
             self.train_dataset = CocoDetection(self._path(self.train_ann), self._path(self.train_images), transform,
                                                self._stuff_dir(self.train_images), train=True,
-                                               missing_images=self.missing_images, cat_ids=self.cat_ids)
+                                               missing_images=self.missing_images, cat_ids=self.cat_ids,
+                                               bad_images=self.bad_images)
             if len(self.train_dataset) == 0:
                 raise ValueError(f"no training image in {self.train_dataset.ann_file} has a usable (non-crowd) "
                                  f"annotation and an image file in {self.train_dataset.image_dir}")
+            self._check(self.train_dataset)
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = CocoDetection(self._path(self.val_ann), self._path(self.val_images),
                                              self._eval_transform(), self._stuff_dir(self.val_images),
-                                             missing_images=self.missing_images, cat_ids=self.cat_ids)
+                                             missing_images=self.missing_images, cat_ids=self.cat_ids,
+                                             bad_images=self.bad_images)
+            trainer = self.trainer
+            if self.val_dataset.num_annotations == 0 and (trainer is None or trainer.limit_val_batches != 0):
+                raise ValueError(f"{self.val_dataset.ann_file} has no annotations, so validation would score every "
+                                 "metric -1: point val_ann at a json with ground truth, or turn validation off "
+                                 "(--trainer.limit_val_batches 0)")
+            self._check(self.val_dataset)
         if stage in ("test", None) and self.test_dataset is None:
             self.test_dataset = CocoDetection(self.test_ann_file, self._path(self.test_images or self.val_images),
                                               self._eval_transform(), missing_images=self.missing_images,
-                                              cat_ids=self.cat_ids)
+                                              cat_ids=self.cat_ids, bad_images=self.bad_images)
+            self._check(self.test_dataset)
         if stage == "predict" and self.predict_dataset is None:
             if self.predict_images is None:
                 raise ValueError("predict needs CocoDataModule(predict_images=<folder of images>)")
             self.predict_dataset = ImageFolder(self._path(self.predict_images), self._eval_transform())
+
+    def _check(self, dataset: CocoDetection) -> None:
+        """``check_images``: every bad file of ``dataset`` in one report, before any training step. Under DDP
+        each rank reads its share of the headers and all ranks get the whole list."""
+        if not self.check_images:
+            return
+        initialised = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
+        problems = dataset.check_images(rank=rank, world_size=world)
+        if world > 1:
+            shares: list = [None] * world
+            dist.all_gather_object(shares, problems)
+            problems = [p for share in shares for p in share]
+        if not problems:
+            return
+        report = problem_report(problems, dataset.ann_file, len(dataset))
+        if dataset.bad_images == "error":
+            raise ValueError(f"{report}\nFix or remove these files, or set --data.init_args.bad_images skip to "
+                             "train without them (each sample is then replaced by another)")
+        dataset.bad_indices = {p.index for p in problems}
+        warnings.warn(f"{report}\nbad_images=skip: these samples are replaced by others", stacklevel=2)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Reports each image skipped by ``bad_images="skip"`` once on this rank (the workers that found them
+        cannot tell each other)."""
+        targets = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else ()
+        for target in targets:
+            meta = target.get("meta", {}) if isinstance(target, dict) else {}
+            for path, reason in meta.get("skipped", ()):
+                if path not in self._reported_bad:
+                    self._reported_bad.add(path)
+                    rank = self.trainer.global_rank if self.trainer is not None else 0
+                    warnings.warn(f"rank {rank}: skipped bad image {path} ({reason}); its sample was replaced by "
+                                  f"{meta.get('file_name')} (bad_images=skip; reported once per rank)", stacklevel=2)
+        return batch
 
     # -- loaders -----------------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Sizes follow mmcv's ``imrescale`` (``scale = min(long / max(h, w), short / min(h, w))``, new size rounded
 with ``int(x * scale + 0.5)``) so resized shapes, and therefore anchors and RoIs, match mmdet's. Boxes,
 instance masks and the semantic map go through the same torchvision.transforms.v2 kernels as the image
-(masks nearest), so they cannot drift apart.
+(masks nearest), so they cannot drift apart. Boxes are clipped to the resized image, as mmdet's ``Resize``
+(``clip_object_border=True``) does; masks given as :class:`EncodedMasks` are decoded at the output size.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from htc_lightning.structures import ImageMeta
+
+from .encoded_masks import EncodedMasks
 
 # mmdetection's ImageNet statistics, RGB order, on 0..255 pixels.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -48,7 +51,8 @@ def sample_train_scale(scales: Sequence[tuple[int, int]], short_range: tuple[int
 class DetectionTransform:
     """Image + annotations -> resized, optionally flipped, normalised image and targets (unpadded).
 
-    ``target`` holds ``boxes`` (N, 4) xyxy, ``labels``, ``masks`` (N, H, W) uint8, optional ``semantic``
+    ``target`` holds ``boxes`` (N, 4) xyxy, ``labels``, ``masks`` (N, H, W) uint8 or :class:`EncodedMasks`,
+    optional ``semantic``
     (H, W) and ``crowd_boxes`` (K, 4), all in the frame of ``image`` (uint8 (3, H, W)), and a ``meta``
     dict; the result adds ``img_size``, ``scale_factor`` and ``flip`` to ``meta``. Random choices come
     from ``generator`` (default: torch's global generator).
@@ -80,10 +84,15 @@ class DetectionTransform:
                 items[key] = tv_tensors.BoundingBoxes(target[key], format="XYXY", canvas_size=(height, width))
         for key in ("masks", "semantic"):
             if key in target:
-                items[key] = tv_tensors.Mask(target[key])
+                items[key] = target[key] if isinstance(target[key], EncodedMasks) else tv_tensors.Mask(target[key])
         out = {}
         for key, item in items.items():
-            item = F.resize(item, [new_h, new_w], antialias=self.antialias)
+            if isinstance(item, EncodedMasks):
+                item = tv_tensors.Mask(item.resize(new_h, new_w))
+            else:
+                item = F.resize(item, [new_h, new_w], antialias=self.antialias)
+            if isinstance(item, tv_tensors.BoundingBoxes):
+                item = F.clamp_bounding_boxes(item, clamping_mode="hard")
             if flip:
                 item = F.horizontal_flip(item)  # boxes: x -> W - x in float, as mmdet 3.x
             out[key] = item.as_subclass(Tensor)

@@ -107,6 +107,13 @@ def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
     return bbox_results, segm_results
 
 
+def _counts(values: list) -> dict:
+    counts: dict = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -138,6 +145,8 @@ class CocoEvaluator(Metric):
     Only the images seen by :meth:`update` are evaluated (``params.imgIds``), including images that got no
     detection, so a partial validation run (``limit_val_batches``) gives the AP of that subset. mmdet's
     CocoMetric instead evaluates every image of the annotation file; over a full split the two agree.
+    An ``ann_file`` without annotations is an error (every metric would be -1), or with ``outfile_prefix``
+    format-only with a warning (COCO test-dev's image list); repeated image or annotation ids are an error.
     Returned values are COCO's, unrounded: -1 where an entry is undefined (e.g. no small objects); all zeros
     (with a warning) when there is no detection at all. After ``compute``, :attr:`written_files` lists the
     json files it wrote.
@@ -292,6 +301,14 @@ class CocoEvaluator(Metric):
         if self.ann_file is None:
             return {}
         gt = self._ground_truth()
+        if not gt.dataset.get("annotations"):
+            if self.outfile_prefix is None:
+                raise ValueError(f"{self.ann_file} has no annotations (no 'annotations' list, or an empty one), so "
+                                 "every COCO metric would be -1: evaluate on a json with ground truth, or give an "
+                                 "outfile_prefix to only write the detections (e.g. for COCO test-dev)")
+            warnings.warn(f"{self.ann_file} has no annotations: wrote the detections to {self.written_files}, "
+                          "computed no metric (format-only, as for COCO test-dev)", stacklevel=3)
+            return {}
         missing = sorted(set(img_ids) - set(gt.getImgIds()))
         if missing:
             raise ValueError(f"image ids {missing[:10]} (of {len(missing)}) are not in {self.ann_file}")
@@ -315,7 +332,14 @@ class CocoEvaluator(Metric):
         if self._coco_gt is None:
             coco_cls, _ = _coco_classes(self.backend)
             with contextlib.redirect_stdout(io.StringIO()):
-                self._coco_gt = coco_cls(self.ann_file)
+                gt = coco_cls(self.ann_file)
+            for kind in ("images", "annotations"):
+                ids = [item.get("id") for item in gt.dataset.get(kind) or []]
+                if len(set(ids)) != len(ids):
+                    repeated = sorted((i for i, n in _counts(ids).items() if n > 1), key=str)
+                    raise ValueError(f"{self.ann_file}: {kind[:-1]} id(s) {repeated[:10]} are used more than once; "
+                                     "COCO would merge them: give each its own id")
+            self._coco_gt = gt
         return self._coco_gt
 
     def _evaluate_one(self, gt, iou_type: str, results: list[dict], img_ids: list[int]) -> tuple[list[float], str]:
