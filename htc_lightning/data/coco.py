@@ -155,6 +155,8 @@ class CocoDetection(Dataset):
                 raise FileNotFoundError(message)
             warnings.warn(message + " (skipped)", stacklevel=2)
         self.records = records
+        if self.stuff_dir is not None:
+            self._check_stuff_maps()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -212,8 +214,30 @@ class CocoDetection(Dataset):
                                  f"{e}") from e
         return torch.from_numpy(masks)
 
+    def _stuff_map_path(self, file_name: str) -> Path:
+        return self.stuff_dir / (Path(file_name).stem + ".png")
+
+    def _check_stuff_maps(self) -> None:
+        # At set-up, not at the first batch: a run must not build the model and start only to fail on a missing map.
+        fixes = (f"HTC's semantic branch trains on COCO-Stuff label maps. Either provide them ({self.stuff_dir}/"
+                 "<image file stem>.png, e.g. COCO-Stuff's stuffthingmaps_trainval2017.zip unpacked in the data root), "
+                 "or train without the semantic branch: --config configs/tiny/htc-without-semantic_tiny_coco.yaml "
+                 "(configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml at full size), or add "
+                 "--data.init_args.stuff_maps null --model.init_args.detector.init_args.roi_head.init_args."
+                 "semantic_head null to this config")
+        if not self.stuff_dir.is_dir():
+            raise FileNotFoundError(f"COCO-Stuff maps folder {self.stuff_dir} does not exist (for the images of "
+                                    f"{self.ann_file}). {fixes}")
+        present = {p.name for p in self.stuff_dir.iterdir()}
+        missing = [str(self._stuff_map_path(info["file_name"])) for info, _ in self.records
+                   if self._stuff_map_path(info["file_name"]).name not in present]
+        if missing:
+            listed = ", ".join(missing[:_SHOWN_IDS]) + (", ..." if len(missing) > _SHOWN_IDS else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(self.records)} COCO-Stuff maps missing in {self.stuff_dir}"
+                                    f": {listed}. {fixes}")
+
     def _semantic(self, file_name: str, image_path: Path, height: int, width: int) -> Tensor:
-        path = self.stuff_dir / (Path(file_name).stem + ".png")
+        path = self._stuff_map_path(file_name)
         try:
             with Image.open(path) as im:
                 labels = np.array(im if im.mode in ("L", "P") else im.convert("L"))

@@ -24,8 +24,9 @@ class CocoDataModule(pl.LightningDataModule):
         test_ann, test_images: default to the val ones.
         predict_images: a folder of images for ``predict`` (targets carry only ``meta``, image_id = index).
         stuff_maps: folder of COCO-Stuff ``stuffthingmaps`` with one sub-folder per image folder name
-            (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); train/val targets then carry
-            ``semantic`` for HTC's semantic branch.
+            (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); training targets then carry
+            ``semantic`` for HTC's semantic branch. A missing folder or map is an error at ``setup("fit")``;
+            validate/test/predict never read the maps.
         train_scales: (long, short) edge pairs, one picked at random per training image.
         train_short_range, train_max_long: the 2018 entry's multi-scale training (short edge uniform in
             the range, long edge at most ``train_max_long``); overrides ``train_scales``.
@@ -159,9 +160,10 @@ class CocoDataModule(pl.LightningDataModule):
                 raise ValueError(f"no training image in {self.train_dataset.ann_file} has a usable (non-crowd) "
                                  f"annotation and an image file in {self.train_dataset.image_dir}")
         if stage in ("fit", "validate", None) and self.val_dataset is None:
+            # no stuff maps: evaluation only predicts, and the semantic branch's loss is a training term
             self.val_dataset = CocoDetection(self._path(self.val_ann), self._path(self.val_images),
-                                             self._eval_transform(), self._stuff_dir(self.val_images),
-                                             missing_images=self.missing_images, cat_ids=self.cat_ids)
+                                             self._eval_transform(), missing_images=self.missing_images,
+                                             cat_ids=self.cat_ids)
         if stage in ("test", None) and self.test_dataset is None:
             self.test_dataset = CocoDetection(self.test_ann_file, self._path(self.test_images or self.val_images),
                                               self._eval_transform(), missing_images=self.missing_images,
