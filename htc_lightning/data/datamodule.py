@@ -1,7 +1,9 @@
 """CocoDataModule: COCO-format folders -> padded batches in the format of ``htc_lightning.structures``."""
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -184,7 +186,7 @@ class CocoDataModule(pl.LightningDataModule):
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=DetectionCollate(self.size_divisor),
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=_ignore_sigterm, **kwargs)
+                          worker_init_fn=sigterm_only_from_parent, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -230,8 +232,27 @@ def _check_same_categories(expected: list[dict], found: list[dict], path: Path) 
                          "evaluate on data with the same categories, or fine-tune with load_from")
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # A cluster's SIGTERM (SLURM, `timeout`, Kubernetes) reaches the whole process group. A worker that dies of
-    # it makes the main process fail on its next batch before it can write its SIGTERM checkpoint; workers
-    # leave the signal to the main process, which checkpoints and then shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def sigterm_only_from_parent(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ends on a SIGTERM from its main process only.
+
+    A cluster's SIGTERM (SLURM, ``timeout``, Kubernetes) reaches the whole process group. A worker that dies of it
+    makes the main process fail on its next batch before it can write its SIGTERM checkpoint, so workers leave that
+    signal to the main process, which checkpoints and then shuts them down. But the main process itself stops
+    workers with SIGTERM (``multiprocessing``'s exit handler terminates and joins them when a script ends with
+    a live iterator): ignoring every SIGTERM made such a script wait forever. The sender's pid tells the two
+    apart; Python's signal handlers do not see it, so a thread waits for the signal with ``sigwaitinfo``.
+    Without ``sigwaitinfo`` (macOS) the worker keeps the default: SIGTERM ends it.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        # The main process is stopping its workers: end at once. Exit status 0, not death by the signal, which
+        # torch's SIGCHLD handler in the main process would report as a failed worker.
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
