@@ -32,6 +32,7 @@ from .callbacks import (
     SigtermCheckpoint,
 )
 from .callbacks.faults import SIGTERM_EXIT_CODE
+from .models.backbones.timm_backbone import PretrainedWeightsError
 from .module import DetectionModule
 
 ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
@@ -94,6 +95,18 @@ class HTCLightningCLI(LightningCLI):
                     return
                 args = rewritten
         super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a constructor's error as one alternative of a 25-line union message that ends in
+        # a dump of the whole config; the offline-weights error is raised on its own, first line first.
+        PretrainedWeightsError.last = None
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            error = PretrainedWeightsError.last
+            if error is None or error is e:
+                raise
+            raise error from None
 
     def before_instantiate_classes(self) -> None:
         # A proposal-only detector (GA-RPN alone) has roi_head=None: nothing to link, and the link would fail
@@ -208,6 +221,8 @@ def main(args: list[str] | None = None) -> None:
         HTCLightningCLI(args=args)
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT_CODE) from None
+    except PretrainedWeightsError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
