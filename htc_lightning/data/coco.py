@@ -255,14 +255,31 @@ def _xywh_to_xyxy(boxes: list[list[float]]) -> Tensor:
 
 
 class ImageFolder(Dataset):
-    """Every image file in a folder (sorted by name) for prediction; ``image_id`` is the index."""
+    """Images to predict on: one image file, or every image file of a folder (sorted by name).
 
-    def __init__(self, folder: str | Path, transform: Transform | None = None):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"predict_images folder {self.folder} does not exist")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    ``image_id`` is COCO's id when every file name is one (COCO names its files by their zero-padded id,
+    ``000000397133.jpg``), so the predictions can be scored against COCO's json; otherwise it is the file's
+    position in the sorted list. ``meta["file_name"]`` and ``meta["path"]`` say which file an id is.
+    """
+
+    def __init__(self, path: str | Path, transform: Transform | None = None):
+        self.path = Path(path)
+        if self.path.is_file():
+            if self.path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"predict_images {self.path} is not an image file (expected one of "
+                                 f"{', '.join(IMAGE_SUFFIXES)})")
+            self.files = [self.path]
+        elif self.path.is_dir():
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.files:
+                raise FileNotFoundError(f"predict_images folder {self.path} has no image file "
+                                        f"({', '.join(IMAGE_SUFFIXES)})")
+        else:
+            raise FileNotFoundError(f"predict_images {self.path} is neither an image file nor a folder")
         self.transform = transform
+        stems = [p.stem for p in self.files]
+        coco_ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else []
+        self.image_ids = coco_ids if len(set(coco_ids)) == len(self.files) else list(range(len(self.files)))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -270,5 +287,6 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         path = self.files[index]
         image = load_rgb(path)
-        target = {"meta": {"image_id": index, "file_name": path.name, "orig_size": tuple(image.shape[-2:])}}
+        target = {"meta": {"image_id": self.image_ids[index], "file_name": path.name, "path": str(path.resolve()),
+                           "orig_size": tuple(image.shape[-2:])}}
         return self.transform(image, target) if self.transform is not None else (image, target)

@@ -24,7 +24,8 @@ class CocoDataModule(pl.LightningDataModule):
         data_root: the dataset folder; the other paths are relative to it (absolute paths work too).
         train_ann, train_images, val_ann, val_images: annotation json and image folder per split.
         test_ann, test_images: default to the val ones.
-        predict_images: a folder of images for ``predict`` (targets carry only ``meta``, image_id = index).
+        predict_images: an image file or a folder of images for ``predict`` (targets carry only ``meta``;
+            ``image_id`` is COCO's when the file names are COCO ids, else the position: see ``ImageFolder``).
         stuff_maps: folder of COCO-Stuff ``stuffthingmaps`` with one sub-folder per image folder name
             (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); training targets then carry
             ``semantic`` for HTC's semantic branch. A missing folder or map is an error at ``setup("fit")``;
@@ -172,7 +173,8 @@ class CocoDataModule(pl.LightningDataModule):
                                               cat_ids=self.cat_ids)
         if stage == "predict" and self.predict_dataset is None:
             if self.predict_images is None:
-                raise ValueError("predict needs CocoDataModule(predict_images=<folder of images>)")
+                raise ValueError("predict needs CocoDataModule(predict_images=<an image file or a folder of images>): "
+                                 "--data.init_args.predict_images PATH")
             self.predict_dataset = ImageFolder(self._path(self.predict_images), self._eval_transform())
 
     # -- loaders -----------------------------------------------------------------------------------------
