@@ -45,10 +45,12 @@ class CocoPredictionWriter(BasePredictionWriter):
         self._segm: list[dict] = []
         self._images: list[dict] = []
         self._drawn = [0, 0]  # detections drawn, detections in drawn images
+        self._with_masks = False
         self._out: Path = Path("predictions")
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bbox, self._segm, self._images, self.written, self._drawn = [], [], [], [], [0, 0]
+        self._with_masks = False
         if self.output_dir is not None:
             self._out = self.output_dir
         else:
@@ -69,6 +71,7 @@ class CocoPredictionWriter(BasePredictionWriter):
             meta = target["meta"]
             image_id = int(meta["image_id"])
             with_masks = det.masks is not None
+            self._with_masks |= with_masks
             bbox, segm = detections_to_coco(det, image_id, cat_ids, with_masks)
             self._bbox += bbox
             self._segm += segm
@@ -103,7 +106,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         self._out.mkdir(parents=True, exist_ok=True)
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
         self._dump(self._out / f"predictions{suffix}.bbox.json", self._bbox)
-        if self._segm:
+        if self._with_masks:
             self._dump(self._out / f"predictions{suffix}.segm.json", self._segm)
         self._dump(self._out / f"images{suffix}.json", self._images)
         # every rank prints its own files (under DDP each writes a shard)
