@@ -111,7 +111,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         self._dump(self._out / f"images{suffix}.json", self._images)
         # every rank prints its own files (under DDP each writes a shard)
         lines = [f"predict: {len(self._images)} image(s), {len(self._bbox)} detection(s); wrote"]
-        lines += [f"  {path}" for path in self.written]
+        lines += [f"  {path.resolve()}" for path in self.written]
         if self.draw:
             lines.append(f"  drew {self._drawn[0]} of {self._drawn[1]} detection(s), those scoring >= {self.score_thr} "
                          "(--prediction_writer.score_thr)")
