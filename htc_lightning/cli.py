@@ -10,6 +10,7 @@ Every part is chosen by ``class_path`` (detector, backbone, heads, datamodule). 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from .callbacks import (
     SigtermCheckpoint,
 )
 from .callbacks.faults import SIGTERM_EXIT_CODE
+from .models.backbones.timm_backbone import PretrainedWeightsError
 from .module import DetectionModule
 
 ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
@@ -82,6 +84,29 @@ class HTCLightningCLI(LightningCLI):
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.link_arguments("data", ROI_HEAD_NUM_CLASSES, compute_fn=_num_classes, apply_on="instantiate")
         self._num_classes_linked.append(parser)
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            given = sys.argv[1:] if args is None else list(args)
+            rewritten = nested_nulls_as_objects(given)
+            if rewritten != given:
+                if args is None:  # Lightning's own parse_arguments would warn about args given with sys.argv
+                    self.config = parser.parse_args(rewritten)
+                    return
+                args = rewritten
+        super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a constructor's error as one alternative of a 25-line union message that ends in
+        # a dump of the whole config; the offline-weights error is raised on its own, first line first.
+        PretrainedWeightsError.last = None
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            error = PretrainedWeightsError.last
+            if error is None or error is e:
+                raise
+            raise error from None
 
     def before_instantiate_classes(self) -> None:
         # A proposal-only detector (GA-RPN alone) has roi_head=None: nothing to link, and the link would fail
@@ -158,6 +183,38 @@ class HTCLightningCLI(LightningCLI):
         return None
 
 
+_NULLS = ("null", "none", "~")
+
+
+def nested_nulls_as_objects(args: list[str]) -> list[str]:
+    """``--a.init_args.b.init_args.c null`` -> ``--a '{"init_args": {"b": {"init_args": {"c": null}}}}'``.
+
+    jsonargparse (checked 4.53.0) hands a value two or more subclass levels down as the text ``f"--{key}={value}"``,
+    so a null becomes the string ``"None"``, which no ``X | None`` argument accepts (``semantic_head null`` failed
+    with a 25-line union error). The same override given as a partial object of the first key is merged with the
+    config's value by jsonargparse and keeps the null. Other values are left as they are.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = None, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            key, value, width = arg[2:], args[i + 1], 2
+        if key is not None and value.strip().lower() in _NULLS and key.split(".").count("init_args") >= 2:
+            root, *path = key.split(".")
+            nested: Any = None
+            for part in reversed(path):
+                nested = {part: nested}
+            out += [f"--{root}", json.dumps(nested)]
+        else:
+            out += args[i:i + width]
+        i += width
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``htc-lightning`` console script (also ``python cli.py``).
 
@@ -174,6 +231,8 @@ def main(args: list[str] | None = None) -> None:
         HTCLightningCLI(args=args)
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT_CODE) from None
+    except PretrainedWeightsError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

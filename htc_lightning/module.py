@@ -294,8 +294,9 @@ class DetectionModule(pl.LightningModule):
                 and getattr(dm, "has_semantic", True) is False):
             raise ValueError(
                 "this detector has HTC's semantic branch, which trains on COCO-Stuff label maps, but the data module "
-                "loads none: set data.init_args.stuff_maps (e.g. 'stuffthingmaps'), or train the config without it, "
-                "configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml")
+                "loads none: set data.init_args.stuff_maps (e.g. 'stuffthingmaps'), or train a config without it, "
+                "configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml (tiny: configs/tiny/htc-without-semantic_tiny_"
+                "coco.yaml), or add --model.init_args.detector.init_args.roi_head.init_args.semantic_head null")
 
     def load_pretrained(self, stage: str) -> None:
         """``load_from``: weights only, before the stage runs; a resumed run's ``ckpt_path`` wins."""

@@ -30,6 +30,7 @@ from torch import Tensor
 class ImageMeta(TypedDict, total=False):
     image_id: int
     file_name: str
+    path: str                       # the image file, absolute (prediction on a folder or a file)
     orig_size: tuple[int, int]      # (h, w) of the file on disk
     img_size: tuple[int, int]       # (h, w) after resize, before padding
     pad_size: tuple[int, int]       # (h, w) of the padded batch

@@ -193,4 +193,5 @@ def test_image_folder_yields_meta_with_the_index_as_id(tmp_path):
     assert len(ds) == 2
     image, target = ds[1]
     assert image.shape == (3, 8, 6)
-    assert target == {"meta": {"image_id": 1, "file_name": "b.png", "orig_size": (8, 6)}}
+    assert target == {"meta": {"image_id": 1, "file_name": "b.png", "path": str((tmp_path / "b.png").resolve()),
+                               "orig_size": (8, 6)}}

@@ -192,6 +192,8 @@ class CocoDetection(Dataset):
                 raise FileNotFoundError(message)
             warnings.warn(message + " (skipped)", stacklevel=2)
         self.records = records
+        if self.stuff_dir is not None:
+            self._check_stuff_maps()
 
     def _check_unique_ids(self, data: dict) -> None:
         # pycocotools indexes both by id: a repeated id silently merges two images (or annotations) into one
@@ -326,8 +328,30 @@ class CocoDetection(Dataset):
                                  f"{e}") from e
         return torch.from_numpy(masks)
 
+    def _stuff_map_path(self, file_name: str) -> Path:
+        return self.stuff_dir / (Path(file_name).stem + ".png")
+
+    def _check_stuff_maps(self) -> None:
+        # At set-up, not at the first batch: a run must not build the model and start only to fail on a missing map.
+        fixes = (f"HTC's semantic branch trains on COCO-Stuff label maps. Either provide them ({self.stuff_dir}/"
+                 "<image file stem>.png, e.g. COCO-Stuff's stuffthingmaps_trainval2017.zip unpacked in the data root), "
+                 "or train without the semantic branch: --config configs/tiny/htc-without-semantic_tiny_coco.yaml "
+                 "(configs/htc/htc-without-semantic_r50_fpn_1x_coco.yaml at full size), or add "
+                 "--data.init_args.stuff_maps null --model.init_args.detector.init_args.roi_head.init_args."
+                 "semantic_head null to this config")
+        if not self.stuff_dir.is_dir():
+            raise FileNotFoundError(f"COCO-Stuff maps folder {self.stuff_dir} does not exist (for the images of "
+                                    f"{self.ann_file}). {fixes}")
+        present = {p.name for p in self.stuff_dir.iterdir()}
+        missing = [str(self._stuff_map_path(info["file_name"])) for info, _ in self.records
+                   if self._stuff_map_path(info["file_name"]).name not in present]
+        if missing:
+            listed = ", ".join(missing[:_SHOWN_IDS]) + (", ..." if len(missing) > _SHOWN_IDS else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(self.records)} COCO-Stuff maps missing in {self.stuff_dir}"
+                                    f": {listed}. {fixes}")
+
     def _semantic(self, file_name: str, image_path: Path, height: int, width: int) -> Tensor:
-        path = self.stuff_dir / (Path(file_name).stem + ".png")
+        path = self._stuff_map_path(file_name)
         try:
             with Image.open(path) as im:
                 labels = np.array(im if im.mode in ("L", "P") else im.convert("L"))
@@ -345,14 +369,31 @@ def _xywh_to_xyxy(boxes: list[list[float]]) -> Tensor:
 
 
 class ImageFolder(Dataset):
-    """Every image file in a folder (sorted by name) for prediction; ``image_id`` is the index."""
+    """Images to predict on: one image file, or every image file of a folder (sorted by name).
 
-    def __init__(self, folder: str | Path, transform: Transform | None = None):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"predict_images folder {self.folder} does not exist")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    ``image_id`` is COCO's id when every file name is one (COCO names its files by their zero-padded id,
+    ``000000397133.jpg``), so the predictions can be scored against COCO's json; otherwise it is the file's
+    position in the sorted list. ``meta["file_name"]`` and ``meta["path"]`` say which file an id is.
+    """
+
+    def __init__(self, path: str | Path, transform: Transform | None = None):
+        self.path = Path(path)
+        if self.path.is_file():
+            if self.path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"predict_images {self.path} is not an image file (expected one of "
+                                 f"{', '.join(IMAGE_SUFFIXES)})")
+            self.files = [self.path]
+        elif self.path.is_dir():
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.files:
+                raise FileNotFoundError(f"predict_images folder {self.path} has no image file "
+                                        f"({', '.join(IMAGE_SUFFIXES)})")
+        else:
+            raise FileNotFoundError(f"predict_images {self.path} is neither an image file nor a folder")
         self.transform = transform
+        stems = [p.stem for p in self.files]
+        coco_ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) else []
+        self.image_ids = coco_ids if len(set(coco_ids)) == len(self.files) else list(range(len(self.files)))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -360,5 +401,6 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         path = self.files[index]
         image = load_rgb(path)
-        target = {"meta": {"image_id": index, "file_name": path.name, "orig_size": tuple(image.shape[-2:])}}
+        target = {"meta": {"image_id": self.image_ids[index], "file_name": path.name, "path": str(path.resolve()),
+                           "orig_size": tuple(image.shape[-2:])}}
         return self.transform(image, target) if self.transform is not None else (image, target)

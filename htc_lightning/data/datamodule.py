@@ -1,7 +1,9 @@
 """CocoDataModule: COCO-format folders -> padded batches in the format of ``htc_lightning.structures``."""
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -25,10 +27,12 @@ class CocoDataModule(pl.LightningDataModule):
         data_root: the dataset folder; the other paths are relative to it (absolute paths work too).
         train_ann, train_images, val_ann, val_images: annotation json and image folder per split.
         test_ann, test_images: default to the val ones.
-        predict_images: a folder of images for ``predict`` (targets carry only ``meta``, image_id = index).
+        predict_images: an image file or a folder of images for ``predict`` (targets carry only ``meta``;
+            ``image_id`` is COCO's when the file names are COCO ids, else the position: see ``ImageFolder``).
         stuff_maps: folder of COCO-Stuff ``stuffthingmaps`` with one sub-folder per image folder name
-            (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); train/val targets then carry
-            ``semantic`` for HTC's semantic branch.
+            (e.g. ``"stuffthingmaps"`` -> ``stuffthingmaps/train2017``); training targets then carry
+            ``semantic`` for HTC's semantic branch. A missing folder or map is an error at ``setup("fit")``;
+            validate/test/predict never read the maps.
         train_scales: (long, short) edge pairs, one picked at random per training image.
         train_short_range, train_max_long: the 2018 entry's multi-scale training (short edge uniform in
             the range, long edge at most ``train_max_long``); overrides ``train_scales``.
@@ -173,8 +177,9 @@ class CocoDataModule(pl.LightningDataModule):
                                  f"annotation and an image file in {self.train_dataset.image_dir}")
             self._check(self.train_dataset)
         if stage in ("fit", "validate", None) and self.val_dataset is None:
+            # no stuff maps: evaluation only predicts, and the semantic branch's loss is a training term
             self.val_dataset = CocoDetection(self._path(self.val_ann), self._path(self.val_images),
-                                             self._eval_transform(), self._stuff_dir(self.val_images),
+                                             self._eval_transform(),
                                              missing_images=self.missing_images, cat_ids=self.cat_ids,
                                              bad_images=self.bad_images)
             trainer = self.trainer
@@ -190,7 +195,8 @@ class CocoDataModule(pl.LightningDataModule):
             self._check(self.test_dataset)
         if stage == "predict" and self.predict_dataset is None:
             if self.predict_images is None:
-                raise ValueError("predict needs CocoDataModule(predict_images=<folder of images>)")
+                raise ValueError("predict needs CocoDataModule(predict_images=<an image file or a folder of images>): "
+                                 "--data.init_args.predict_images PATH")
             self.predict_dataset = ImageFolder(self._path(self.predict_images), self._eval_transform())
 
     def _check(self, dataset: CocoDetection) -> None:
@@ -239,7 +245,7 @@ class CocoDataModule(pl.LightningDataModule):
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=DetectionCollate(self.size_divisor),
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=_ignore_sigterm, **kwargs)
+                          worker_init_fn=sigterm_only_from_parent, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -285,8 +291,27 @@ def _check_same_categories(expected: list[dict], found: list[dict], path: Path) 
                          "evaluate on data with the same categories, or fine-tune with load_from")
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # A cluster's SIGTERM (SLURM, `timeout`, Kubernetes) reaches the whole process group. A worker that dies of
-    # it makes the main process fail on its next batch before it can write its SIGTERM checkpoint; workers
-    # leave the signal to the main process, which checkpoints and then shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def sigterm_only_from_parent(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ends on a SIGTERM from its main process only.
+
+    A cluster's SIGTERM (SLURM, ``timeout``, Kubernetes) reaches the whole process group. A worker that dies of it
+    makes the main process fail on its next batch before it can write its SIGTERM checkpoint, so workers leave that
+    signal to the main process, which checkpoints and then shuts them down. But the main process itself stops
+    workers with SIGTERM (``multiprocessing``'s exit handler terminates and joins them when a script ends with
+    a live iterator): ignoring every SIGTERM made such a script wait forever. The sender's pid tells the two
+    apart; Python's signal handlers do not see it, so a thread waits for the signal with ``sigwaitinfo``.
+    Without ``sigwaitinfo`` (macOS) the worker keeps the default: SIGTERM ends it.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        # The main process is stopping its workers: end at once. Exit status 0, not death by the signal, which
+        # torch's SIGCHLD handler in the main process would report as a failed worker.
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()

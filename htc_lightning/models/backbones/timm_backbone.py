@@ -11,6 +11,7 @@ so the defaults ``out_indices=(1, 2, 3, 4)``, ``frozen_stages=1`` and ``dcn_stag
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -32,9 +33,12 @@ class TimmBackbone(nn.Module):
         model_name: timm architecture, e.g. ``resnet50``, ``resnext101_32x8d``, ``resnext101_64x4d``,
             ``legacy_senet154`` (the Caffe-ported SENet-154 of the paper; ``senet154`` is timm's own variant),
             ``dpn107``.
-        pretrained: let timm fetch its ImageNet weights.
+        pretrained: ``true``: timm fetches its ImageNet weights (from the Hugging Face hub, or its local cache;
+            see the README, "Weights on a cluster without internet"); ``false``: random initialisation; a path:
+            the local file is loaded as ``weights`` is, with a printed report of what matched. A failed download is
+            a :class:`PretrainedWeightsError` naming both ways out.
         weights: a local checkpoint (timm/torchvision ImageNet file, or an mmdet detector checkpoint whose
-            ``backbone.*`` entries are used), read with ``torch.load(weights_only=True)``.
+            ``backbone.*`` entries are used), read with ``torch.load(weights_only=True)`` (``.safetensors`` too).
         out_indices: timm feature indices to return (1..4 = strides 4..32).
         frozen_stages: stages ``0..frozen_stages`` get ``requires_grad=False`` and stay in eval mode
             (0 = the stem only, -1 = nothing frozen), as mmdet's ``frozen_stages`` (whose stage i is our i + 1).
@@ -45,13 +49,23 @@ class TimmBackbone(nn.Module):
             (timm fixes it at 64), which the tiny test models use (``channels=(16, 32, 64, 128), stem_width=16``).
     """
 
-    def __init__(self, model_name: str = "resnet50", pretrained: bool = False, weights: str | None = None,
+    def __init__(self, model_name: str = "resnet50", pretrained: bool | str = False, weights: str | None = None,
                  out_indices: tuple[int, ...] = (1, 2, 3, 4), frozen_stages: int = 1, norm_eval: bool = True,
                  dcn_stages: tuple[int, ...] = (), model_kwargs: dict | None = None) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
-        features = timm.create_model(model_name, pretrained=pretrained, features_only=True,
-                                     out_indices=tuple(out_indices), **kwargs)
+        if isinstance(pretrained, str):
+            if weights is not None:
+                raise ValueError(f"TimmBackbone({model_name!r}): pretrained={pretrained!r} and weights={weights!r} "
+                                 "are both files; give one")
+            weights, pretrained = pretrained, False
+        try:
+            features = timm.create_model(model_name, pretrained=pretrained, features_only=True,
+                                         out_indices=tuple(out_indices), **kwargs)
+        except OSError as e:  # offline: huggingface_hub's and urllib's errors are all OSErrors
+            if not pretrained:
+                raise
+            raise PretrainedWeightsError.download_failed(f"TimmBackbone({model_name!r})", e) from e
         info = [dict(entry) for entry in features.feature_info.info]
         if "stem_width" in kwargs:
             _narrow_plain_stem(features, int(kwargs["stem_width"]), info)
@@ -118,7 +132,13 @@ class TimmBackbone(nn.Module):
     def load_weights(self, path: str) -> None:
         """Load a local checkpoint (see the class docstring); missing keys other than the zero-initialised DCN
         offsets are an error, classifier keys are ignored."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TimmBackbone({self.model_name!r}): weights file {path} does not exist")
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            ckpt = load_file(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = _unwrap_state_dict(ckpt, path)
         own = self.state_dict()
         converted: dict[str, Tensor] = {}
@@ -135,6 +155,30 @@ class TimmBackbone(nn.Module):
         if unexpected:
             warnings.warn(f"TimmBackbone({self.model_name!r}): ignored {len(unexpected)} entries of {path}, "
                           f"e.g. {unexpected[:5]}", stacklevel=2)
+        offsets = [k for k in result.missing_keys if ".conv_offset." in k]
+        classifier = len(result.unexpected_keys) - len(unexpected)
+        print(f"TimmBackbone({self.model_name!r}): loaded {len(converted) - len(result.unexpected_keys)} of "
+              f"{len(own)} tensors from {path}" + (f"; {len(offsets)} DCN offset tensors keep their zero "
+                                                   "initialisation" if offsets else "")
+              + (f"; {classifier} classifier entries ignored" if classifier else "")
+              + (f"; {len(unexpected)} other entries ignored" if unexpected else ""), flush=True)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be fetched (no internet, no cache); the first line names the way out."""
+
+    last: PretrainedWeightsError | None = None  # the CLI re-raises it in place of jsonargparse's union message
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        PretrainedWeightsError.last = self
+
+    @classmethod
+    def download_failed(cls, who: str, error: BaseException) -> PretrainedWeightsError:
+        return cls(f"{who}: cannot download the pretrained ImageNet weights (offline?). Either set pretrained to a "
+                   "local weights file (pretrained: /path/to/weights.pth or .safetensors; README: \"Weights on a "
+                   "cluster without internet\"), or pretrained: false to train from random initialisation.\n"
+                   f"The download failed with {type(error).__name__}: {str(error).strip().splitlines()[0]}")
 
 
 def _unwrap_state_dict(ckpt: object, path: object) -> dict[str, Tensor]:
