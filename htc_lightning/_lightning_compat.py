@@ -134,3 +134,41 @@ def stop_as_on_sigterm(trainer: Any) -> None:
     if connector is None or not hasattr(connector, "received_sigterm"):
         raise changed("Trainer._signal_connector.received_sigterm", "pytorch-lightning")
     connector.received_sigterm = True
+
+
+def checkpoint_schedule(callback: Any) -> tuple[int, int]:
+    """``(every_n_train_steps, every_n_epochs)`` of a ``ModelCheckpoint`` as it resolved them (0 = off).
+
+    Relies on ``ModelCheckpoint._every_n_train_steps`` and ``._every_n_epochs``: the constructor resolves the
+    defaults there (``every_n_epochs`` becomes 0 when ``every_n_train_steps`` is set) and keeps no public copy.
+    Checked: pytorch-lightning 2.6.6.
+    """
+    try:
+        return int(callback._every_n_train_steps), int(callback._every_n_epochs)
+    except AttributeError:
+        raise changed("ModelCheckpoint._every_n_train_steps/_every_n_epochs", "pytorch-lightning") from None
+
+
+def save_last_checkpoint_only(callback: Any, trainer: Any, on_train_epoch_end: bool = False) -> bool:
+    """Write ``callback``'s ``last.ckpt`` now, unless it already saved at this step or may not save now; True when
+    written. ``on_train_epoch_end``: only when the callback saves at the end of training epochs (no validation).
+
+    Lightning 2.6 defers a step-scheduled save while the monitored metric is missing (until a validation logs it,
+    i.e. never without validation), and writes ``last.ckpt`` at an epoch end only after a best checkpoint; no public
+    API writes ``last.ckpt`` alone. Relies on ``ModelCheckpoint._should_skip_saving_checkpoint``,
+    ``._should_save_on_train_epoch_end``, ``._monitor_candidates``, ``._save_last_checkpoint`` and
+    ``._last_global_step_saved``, which is put back after the save: a validation ending at this step must still
+    write the (deferred) best checkpoint, which Lightning skips for a step it believes saved. Checked:
+    pytorch-lightning 2.6.6.
+    """
+    try:
+        if callback._should_skip_saving_checkpoint(trainer):
+            return False
+        if on_train_epoch_end and not callback._should_save_on_train_epoch_end(trainer):
+            return False
+        saved_step = callback._last_global_step_saved
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        callback._last_global_step_saved = saved_step
+    except AttributeError as error:
+        raise changed(f"ModelCheckpoint.{error.name}", "pytorch-lightning") from None
+    return True

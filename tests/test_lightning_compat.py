@@ -17,9 +17,11 @@ from htc_lightning._lightning_compat import (
     InternalsChanged,
     apply_ckpt_hparams_with_own_method,
     built_by_lightning_cli,
+    checkpoint_schedule,
     cluster_environment,
     drop_instantiation_link,
     run_slurm_requeue,
+    save_last_checkpoint_only,
     stop_as_on_sigterm,
     uses_distributed_sampler,
 )
@@ -177,3 +179,34 @@ def test_run_slurm_requeue_calls_lightnings_requeue_handler(monkeypatch):
     monkeypatch.setattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", lambda s, f: calls.append((s, f)))
     run_slurm_requeue(trainer, 10)
     assert calls == [(10, None)]
+
+
+def test_checkpoint_schedule_reads_the_triggers_model_checkpoint_resolved():
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    assert checkpoint_schedule(ModelCheckpoint(every_n_train_steps=3)) == (3, 0), (
+        f"{LIGHTNING}: ModelCheckpoint(every_n_train_steps=3) no longer resolves _every_n_train_steps=3, "
+        "_every_n_epochs=0")
+    assert checkpoint_schedule(ModelCheckpoint()) == (0, 1), f"{LIGHTNING}: ModelCheckpoint's default triggers changed"
+
+
+def test_save_last_checkpoint_only_writes_last_ckpt_and_leaves_the_step_open_for_the_best_one(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), monitor="never_logged", save_last=True, every_n_epochs=0)
+    written, open_after = [], []
+
+    class SaveAtStep2(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                written.append(save_last_checkpoint_only(checkpoint, trainer))
+                open_after.append(not checkpoint._should_skip_saving_checkpoint(trainer))
+
+    trainer = pl.Trainer(max_steps=3, default_root_dir=str(tmp_path), callbacks=[SaveAtStep2(), checkpoint],
+                         **{**QUIET_TRAINER, "enable_checkpointing": True}, limit_val_batches=0)
+    trainer.fit(BoringModel())
+    assert written == [True] and (tmp_path / "last.ckpt").is_file(), (
+        f"{LIGHTNING}: ModelCheckpoint._save_last_checkpoint no longer writes last.ckpt")
+    assert open_after == [True], (
+        f"{LIGHTNING}: after a last-only save, ModelCheckpoint treats the step as saved (_last_global_step_saved): a "
+        "validation at that step would not write the best checkpoint")

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from .._lightning_compat import checkpoint_schedule, save_last_checkpoint_only
 from .checkpoint_io import stale_temporaries
 
 
@@ -57,26 +58,22 @@ class DetectionCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+        every_n_steps, _ = checkpoint_schedule(self)
+        if every_n_steps >= 1 and trainer.global_step % every_n_steps == 0:
             self._save_last_on_schedule(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if (self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
-                and self._should_save_on_train_epoch_end(trainer)):
-            self._save_last_on_schedule(trainer)
+        _, every_n_epochs = checkpoint_schedule(self)
+        if every_n_epochs >= 1 and (trainer.current_epoch + 1) % every_n_epochs == 0:
+            self._save_last_on_schedule(trainer, on_train_epoch_end=True)
 
-    def _save_last_on_schedule(self, trainer: pl.Trainer) -> None:
-        """``last.ckpt`` at a scheduled point where Lightning saved nothing because the monitored metric is missing."""
-        step = trainer.global_step
-        if not self.save_last or self._should_skip_saving_checkpoint(trainer) or self._last_only_step == step:
-            return
-        saved_step = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        # only last.ckpt: Lightning's deferred save at the end of a validation at this same step must still run
-        # (it writes the best checkpoint, and last.ckpt again), which it skips for a step it believes saved
-        self._last_global_step_saved = saved_step
-        self._last_only_step = step
+    def _save_last_on_schedule(self, trainer: pl.Trainer, on_train_epoch_end: bool = False) -> None:
+        """``last.ckpt`` at a scheduled point where Lightning saved nothing because the monitored metric is missing
+        (once per step: the last batch of an epoch may be both a step and an epoch point)."""
+        if self.save_last and self._last_only_step != trainer.global_step \
+                and save_last_checkpoint_only(self, trainer, on_train_epoch_end):
+            self._last_only_step = trainer.global_step
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
