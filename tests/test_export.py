@@ -20,7 +20,9 @@ PHOTOS = Path(__file__).resolve().parent / "fixtures" / "export_images"
 FAMILIES = {"htc": "htc_tiny_synthetic.yaml", "cascade_mask_rcnn": "cascade_tiny_synthetic.yaml",
             "htc_ga_rpn": "htc_ga-rpn_tiny_synthetic.yaml"}
 TRACED = (128, 160)
-OTHER = (192, 224)  # the photographs resized to fit it pad to 192x224 and 160x224, not the traced 128x160
+# two photographs resized to fit (192, 224) pad to 192x224, the third to fit (256, 320) to 256x320: both other
+# sizes than the traced example's 128x160
+OTHER = ((192, 224), (256, 320))
 
 
 def tiny_detector(family: str):
@@ -46,7 +48,8 @@ def test_exported_tiny_model_matches_eager_inference_on_photographs(tmp_path, fa
     assert json.loads((tmp_path / "export.json").read_text())["check"] == report["check"]
     assert all(c["ok"] for c in report["check"])
     # dynamic image size: the same file at other sizes than the one it was traced at
-    samples = export.load_images(photos, OTHER, IMAGENET_MEAN, IMAGENET_STD)
+    samples = (export.load_images(photos[:2], OTHER[0], IMAGENET_MEAN, IMAGENET_STD)
+               + export.load_images(photos[2:], OTHER[1], IMAGENET_MEAN, IMAGENET_STD))
     sizes = {tuple(images.shape[-2:]) for images, _ in samples}
     assert export.padded(TRACED) not in sizes and len(sizes) == 2
     assert_checked(export.check(detector, export.Runner(tmp_path / export.FILE_NAMES[fmt]), samples))
