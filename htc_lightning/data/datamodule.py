@@ -148,6 +148,11 @@ class CocoDataModule(pl.LightningDataModule):
     def _eval_transform(self) -> DetectionTransform:
         return DetectionTransform([self.test_scale], flip_prob=0.0, mean=self.mean, std=self.std)
 
+    def eval_pipeline(self) -> tuple[DetectionTransform, DetectionCollate]:
+        """The test-time transform and collate of validation, test and predict, for callers that bring their
+        own images (:class:`htc_lightning.predictor.Predictor`), so they see exactly what ``predict`` sees."""
+        return self._eval_transform(), DetectionCollate(self.size_divisor)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_dataset is None:
             transform = DetectionTransform(self.train_scales, self.train_short_range, self.train_max_long,
