@@ -67,6 +67,8 @@ class DetectionModule(pl.LightningModule):
             data has other classes (reported), and are an error at validate/test/predict. A ``ckpt_path``
             (resume) wins: then this is skipped.
         load_from_format: ``"v2"`` (mmdet 2.x and 3.x files) or ``"v1"`` (mmdet 1.x: background class first).
+        classwise: also evaluate each category's box/mask AP and AP50: logged as ``{stage}/bbox_AP_<name>`` ...,
+            and printed as a table at ``test`` (mmdet's ``classwise``).
     """
 
     def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
@@ -76,7 +78,8 @@ class DetectionModule(pl.LightningModule):
                  backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
                  outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
                  log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None,
-                 load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2") -> None:
+                 load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2",
+                 classwise: bool = False) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
@@ -102,6 +105,7 @@ class DetectionModule(pl.LightningModule):
         self.score_thr_vis = score_thr_vis
         self.tta = tta
         self.load_from, self.load_from_format = load_from, load_from_format
+        self.classwise = classwise
         self.load_report = None
         self.resume_ckpt_path: str | None = None  # set by the CLI when the run restores a checkpoint
         self.written_results: list[str] = []
@@ -280,7 +284,7 @@ class DetectionModule(pl.LightningModule):
             return None
         evaluator = CocoEvaluator(None if ann_file is None else str(ann_file),
                                   None if cat_ids is None else list(cat_ids), iou_types=self.default_iou_types(),
-                                  backend=self.backend, outfile_prefix=prefix)
+                                  backend=self.backend, outfile_prefix=prefix, classwise=self.classwise)
         return evaluator.to(self.device)  # its states sync across ranks with the process group's device
 
     def predict_batch(self, batch: Batch) -> tuple[list[Detections], list[ImageMeta]]:
@@ -304,6 +308,8 @@ class DetectionModule(pl.LightningModule):
         self._evaluator.reset()
         if self.written_results and stage == "test":
             rank_zero_print("COCO results written: " + ", ".join(self.written_results))
+        if self._evaluator.classwise_table and stage == "test":
+            rank_zero_print("per-category AP (test):\n" + self._evaluator.classwise_table)
         if metrics:
             # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
             # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.
