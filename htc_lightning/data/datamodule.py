@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .._lightning_compat import uses_distributed_sampler
 from .coco import CocoDetection, ImageFolder, load_json
-from .samplers import GroupedBatchSampler
+from .samplers import GroupedBatchSampler, repeat_factors
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
 
 
@@ -42,6 +42,11 @@ class CocoDataModule(pl.LightningDataModule):
             and one that is present must list the same categories.
         seed: shuffling seed (epoch ``e`` uses ``seed + e``); each training sample's augmentation (scale,
             flip) is drawn from a seed of (seed, epoch, index), so it does not depend on workers or resumes.
+        filter_empty_gt: leave training images without a (non-crowd) object out (mmdet's default); ``False``
+            trains on them too, as background-only images.
+        repeat_factor_threshold: repeat-factor sampling for long-tailed data (LVIS: ``0.001``): a training image
+            of a category present in a fraction ``f < threshold`` of the images is seen ``sqrt(threshold / f)``
+            times per epoch on average (see ``data/samplers.py``); ``None`` samples every image once.
 
     Distributed training: the train batch sampler shards by rank itself, so the Trainer must not inject a
     ``DistributedSampler`` (``Trainer(use_distributed_sampler=False)``); evaluation loaders are sharded
@@ -58,7 +63,8 @@ class CocoDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                  batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 2,
                  missing_images: Literal["error", "skip"] = "error", group_by_aspect_ratio: bool = True,
-                 seed: int = 0, categories: list[dict] | None = None):
+                 seed: int = 0, categories: list[dict] | None = None, filter_empty_gt: bool = True,
+                 repeat_factor_threshold: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.data_root = Path(data_root)
@@ -79,6 +85,8 @@ class CocoDataModule(pl.LightningDataModule):
         self.missing_images = missing_images
         self.group_by_aspect_ratio = group_by_aspect_ratio
         self.seed = seed
+        self.filter_empty_gt = filter_empty_gt
+        self.repeat_factor_threshold = repeat_factor_threshold
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
         self.test_dataset: CocoDetection | None = None
@@ -159,7 +167,8 @@ class CocoDataModule(pl.LightningDataModule):
                                            self.flip_prob, self.mean, self.std)
             self.train_dataset = CocoDetection(self._path(self.train_ann), self._path(self.train_images), transform,
                                                self._stuff_dir(self.train_images), train=True,
-                                               missing_images=self.missing_images, cat_ids=self.cat_ids)
+                                               missing_images=self.missing_images, cat_ids=self.cat_ids,
+                                               filter_empty_gt=self.filter_empty_gt)
             if len(self.train_dataset) == 0:
                 raise ValueError(f"no training image in {self.train_dataset.ann_file} has a usable (non-crowd) "
                                  f"annotation and an image file in {self.train_dataset.image_dir}")
@@ -199,8 +208,12 @@ class CocoDataModule(pl.LightningDataModule):
                              "Trainer with use_distributed_sampler=False so Lightning does not replace its sampler")
         dataset = self.train_dataset
         groups = dataset.aspect_groups if self.group_by_aspect_ratio else [0] * len(dataset)
+        factors = None
+        if self.repeat_factor_threshold is not None:
+            factors = repeat_factors(dataset.image_labels, self.repeat_factor_threshold)
         self.train_sampler = GroupedBatchSampler(groups, self.batch_size, shuffle=True, seed=self.seed,
-                                                 num_replicas=world, rank=rank, with_seeds=True)
+                                                 num_replicas=world, rank=rank, with_seeds=True,
+                                                 repeat_factors=factors)
         return self._loader(dataset, batch_sampler=self.train_sampler)
 
     def _eval_loader(self, dataset) -> DataLoader:
