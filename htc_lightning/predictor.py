@@ -120,7 +120,7 @@ class Predictor:
                              "Predictor(checkpoint, config='configs/htc/htc_r50_fpn_1x_coco.yaml')")
         else:
             self.categories = _categories(categories or saved.get("categories") or COCO_CATEGORIES, path)
-            self.module, datamodule = _from_config(Path(config), self.categories)
+            self.module, datamodule = build_from_config(Path(config), self.categories)
             from .checkpoints.mmdet import load_weights
 
             self.load_report = load_weights(self.module.detector, path, checkpoint_format, allow_new_classes=False)
@@ -270,8 +270,13 @@ def _datamodule(hparams: dict, categories: list[dict]) -> CocoDataModule:
     return cls(**init)
 
 
-def _from_config(config: Path, categories: list[dict]) -> tuple[DetectionModule, CocoDataModule]:
+def build_from_config(config: str | Path, categories: list[dict] = COCO_CATEGORIES
+                      ) -> tuple[DetectionModule, CocoDataModule]:
+    """The module (random weights; the backbone's ImageNet weights are not fetched) and the datamodule a YAML
+    config describes, for ``len(categories)`` classes, without reading any data."""
     from pytorch_lightning.cli import instantiate_module
+
+    config = Path(config)
 
     if not config.is_file():
         raise FileNotFoundError(f"config {config} does not exist")
@@ -286,6 +291,9 @@ def _from_config(config: Path, categories: list[dict]) -> tuple[DetectionModule,
         node = node.get(key) if isinstance(node, dict) else None
     if isinstance(node, dict):  # a proposal-only detector has roi_head: null
         node.setdefault("init_args", {})["num_classes"] = len(categories)
+    backbone = (init.get("detector") or {}).get("init_args", {}).get("backbone") or {}
+    if "pretrained" in (backbone.get("init_args") or {}):
+        backbone["init_args"]["pretrained"] = False  # the weights come from elsewhere: no download
     module = instantiate_module(DetectionModule, {"_class_path": model["class_path"], **init})
     data = parsed.get("data") or {}
     data_hparams = dict(data.get("init_args") or {})
