@@ -126,3 +126,22 @@ def test_an_optimizer_typo_is_an_error_at_parse_time(tmp_path, coco_root):
     config = _config(tmp_path, coco_root, {"optimizer": {"class_path": "torch.optim.AdamWW"}})
     with pytest.raises(SystemExit):
         HTCLightningCLI(args=["--config", config], run=False)
+
+
+def test_the_recipe_fragments_stack_on_a_full_config(tmp_path, coco_root):
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs"
+    cli = HTCLightningCLI(args=["--config", str(root / "tiny" / "htc_tiny_synthetic.yaml"),
+                                "--config", str(root / "recipes" / "adamw_cosine.yaml"),
+                                "--config", str(root / "recipes" / "long_tail_sampling.yaml"),
+                                "--data.init_args.data_root", str(coco_root)], run=False)
+    cli.trainer.strategy.connect(cli.model)
+    cli.model.trainer = cli.trainer
+    cli.trainer.datamodule = cli.datamodule
+    optimizer = cli.model.configure_optimizers()[0][0]
+    assert type(optimizer) is torch.optim.AdamW
+    # the backbone's convolutions have no bias (a norm follows each)
+    assert {g["name"] for g in optimizer.param_groups} == {"^backbone\\.", "^backbone\\./norm", "default/bias",
+                                                          "default"}
+    assert cli.datamodule.repeat_factor_threshold == 0.001 and cli.datamodule.filter_empty_gt is False
