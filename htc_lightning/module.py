@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
@@ -33,6 +34,8 @@ from .nonfinite import (
     step_culprits,
     step_flags,
 )
+from .optim import ParamGroupRule
+from .optim import param_groups as build_param_groups
 from .structures import Detections, ImageMeta
 from .tta import TestTimeAugmentation
 
@@ -80,6 +83,19 @@ class DetectionModule(pl.LightningModule):
             data has other classes (reported), and are an error at validate/test/predict. A ``ckpt_path``
             (resume) wins: then this is skipped.
         load_from_format: ``"v2"`` (mmdet 2.x and 3.x files) or ``"v1"`` (mmdet 1.x: background class first).
+        classwise: also evaluate each category's box/mask AP and AP50: logged as ``{stage}/bbox_AP_<name>`` ...,
+            and printed as a table at ``test`` (mmdet's ``classwise``).
+        optimizer: any ``torch.optim`` optimizer by ``class_path`` (e.g. ``torch.optim.AdamW`` with its
+            ``init_args``); its ``lr`` is the lr at ``base_batch_size`` and is scaled like ``lr``. ``None``: mmdet's
+            SGD from ``lr``, ``momentum`` and ``weight_decay``.
+        lr_scheduler: any ``torch.optim.lr_scheduler`` by ``class_path`` (e.g. ``CosineAnnealingLR`` with
+            ``T_max`` in epochs), stepped every ``scheduler_interval`` after the linear warm-up (``warmup_iters``,
+            ``warmup_ratio``, per step). ``None``: mmdet's warm-up and step decay (``max_epochs_schedule``, ``gamma``).
+        scheduler_interval: ``"epoch"`` or ``"step"``: how often ``lr_scheduler`` steps.
+        param_groups: :class:`~htc_lightning.optim.ParamGroupRule` list (``pattern``, ``lr_mult``, ``decay_mult``):
+            per-parameter multipliers by name (mmdet's ``paramwise_cfg.custom_keys``), first match wins.
+        norm_decay_mult, bias_decay_mult: weight-decay multipliers of normalisation layers and of biases
+            (``0.0``: no decay on them); ``None`` leaves them as any other parameter.
     """
 
     def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
@@ -90,7 +106,11 @@ class DetectionModule(pl.LightningModule):
                  outfile_prefix: str | None = None, nan_policy: Literal["raise", "skip"] = "raise",
                  log_images: int = 4, score_thr_vis: float = 0.3, tta: TestTimeAugmentation | None = None,
                  load_from: str | None = None, load_from_format: Literal["v2", "v1"] = "v2",
-                 max_consecutive_skips: int = 10) -> None:
+                 classwise: bool = False, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None,
+                 scheduler_interval: Literal["epoch", "step"] = "epoch",
+                 param_groups: Sequence[ParamGroupRule] = (), norm_decay_mult: float | None = None,
+                 bias_decay_mult: float | None = None, max_consecutive_skips: int = 10) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
@@ -100,7 +120,8 @@ class DetectionModule(pl.LightningModule):
         # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
         # The TTA is a test-time choice, never stored: ``test --ckpt_path`` applies the checkpoint's hparams over
         # the config, so a stored ``tta: null`` would silently switch off the TTA the config asks for.
-        self.save_hyperparameters(ignore=["tta"] if built_by_lightning_cli() else ["detector", "tta"])
+        self.save_hyperparameters(ignore=["tta"] if built_by_lightning_cli()
+                                  else ["detector", "tta", "optimizer", "lr_scheduler"])
         self.detector = detector
         self.lr = lr
         self.base_batch_size = base_batch_size
@@ -119,6 +140,11 @@ class DetectionModule(pl.LightningModule):
         self.score_thr_vis = score_thr_vis
         self.tta = tta
         self.load_from, self.load_from_format = load_from, load_from_format
+        self.classwise = classwise
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.param_group_rules = [r if isinstance(r, ParamGroupRule) else ParamGroupRule(**r) for r in param_groups]
+        self.norm_decay_mult, self.bias_decay_mult = norm_decay_mult, bias_decay_mult
         self.load_report = None
         self.resume_ckpt_path: str | None = None  # set by the CLI when the run restores a checkpoint
         self.written_results: list[str] = []
@@ -251,12 +277,15 @@ class DetectionModule(pl.LightningModule):
         return int(per_rank) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def scaled_lr(self) -> float:
+        return self.lr * self.lr_scale()
+
+    def lr_scale(self) -> float:
+        """The linear scaling rule's factor: global batch / ``base_batch_size``."""
         global_bs = self.global_batch_size()
         if global_bs is None:
-            warnings.warn(f"the datamodule has no batch_size: using lr={self.lr} without linear scaling",
-                          stacklevel=2)
-            return self.lr
-        return self.lr * global_bs / self.base_batch_size
+            warnings.warn("the datamodule has no batch_size: using the lr without linear scaling", stacklevel=2)
+            return 1.0
+        return global_bs / self.base_batch_size
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the scaled lr for optimiser step ``step`` (0-based): warm-up x step decay."""
@@ -311,14 +340,38 @@ class DetectionModule(pl.LightningModule):
                                         allow_new_classes=stage == "fit")
         rank_zero_print(self.load_report.format(f"load_from {self.load_from}"))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.detector.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.scaled_lr(), momentum=self.momentum,
-                                    weight_decay=self.weight_decay)
-        # One LambdaLR stepped per optimiser step gives both mmdet schedulers: the iteration-based
-        # LinearLR warm-up and the epoch-based MultiStepLR (the epoch is derived from the step).
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self) -> dict[str, Any] | tuple[list, list]:
+        if self.param_group_rules or self.norm_decay_mult is not None or self.bias_decay_mult is not None:
+            params = build_param_groups(self.detector, self.param_group_rules, self.norm_decay_mult,
+                                        self.bias_decay_mult)
+        else:
+            params = [p for p in self.detector.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=self.scaled_lr(), momentum=self.momentum,
+                                        weight_decay=self.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(params)
+            scale = self.lr_scale()
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+        for group in optimizer.param_groups:  # a group's multipliers act on what the optimiser made of its defaults
+            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+            if "weight_decay" in group:
+                group["weight_decay"] = group["weight_decay"] * group.get("decay_mult", 1.0)
+        if self.lr_scheduler_factory is None:
+            # One LambdaLR stepped per optimiser step gives both mmdet schedulers: the iteration-based
+            # LinearLR warm-up and the epoch-based MultiStepLR (the epoch is derived from the step).
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # mmdet 3.x's pair: LinearLR by iteration, then the configured scheduler; both are chainable (each multiplies
+        # the current lr), so their factors compose.
+        schedulers = []
+        if self.warmup_iters > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=self.warmup_ratio, end_factor=1.0,
+                                                       total_iters=self.warmup_iters)
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+        schedulers.append({"scheduler": self.lr_scheduler_factory(optimizer), "interval": self.scheduler_interval})
+        return [optimizer], schedulers
 
     # -- evaluation --------------------------------------------------------------------------------------
 
@@ -347,7 +400,7 @@ class DetectionModule(pl.LightningModule):
             return None
         evaluator = CocoEvaluator(None if ann_file is None else str(ann_file),
                                   None if cat_ids is None else list(cat_ids), iou_types=self.default_iou_types(),
-                                  backend=self.backend, outfile_prefix=prefix)
+                                  backend=self.backend, outfile_prefix=prefix, classwise=self.classwise)
         return evaluator.to(self.device)  # its states sync across ranks with the process group's device
 
     def predict_batch(self, batch: Batch) -> tuple[list[Detections], list[ImageMeta]]:
@@ -371,6 +424,8 @@ class DetectionModule(pl.LightningModule):
         self._evaluator.reset()
         if self.written_results and stage == "test":
             rank_zero_print("COCO results written: " + ", ".join(self.written_results))
+        if self._evaluator.classwise_table and stage == "test":
+            rank_zero_print("per-category AP (test):\n" + self._evaluator.classwise_table)
         if metrics:
             # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
             # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.

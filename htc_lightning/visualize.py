@@ -41,7 +41,8 @@ def tensor_to_pil(image: Tensor, meta: ImageMeta | None = None, mean: Sequence[f
 
 
 def draw_detections(image: Image.Image | np.ndarray, det: Detections, class_names: Sequence[str] | None = None,
-                    score_thr: float = 0.3, mask_alpha: float = 0.5, line_width: int = 2) -> Image.Image:
+                    score_thr: float = 0.3, mask_alpha: float = 0.5, line_width: int = 2,
+                    show_scores: bool = True) -> Image.Image:
     """A copy of ``image`` with every detection scoring at least ``score_thr`` drawn on it.
 
     Masks are blended in the class colour, boxes outlined, and ``"<class name> <score>"`` written at the
@@ -67,7 +68,7 @@ def draw_detections(image: Image.Image | np.ndarray, det: Detections, class_name
         x0, y0, x1, y1 = (float(v) for v in det.boxes[i].tolist())
         draw.rectangle([x0, y0, x1, y1], outline=color, width=line_width)
         name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-        text = f"{name} {float(det.scores[i]):.2f}"
+        text = f"{name} {float(det.scores[i]):.2f}" if show_scores else name
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
         ty = max(0.0, y0 - (bottom - top) - 2)
         draw.rectangle([x0, ty, x0 + (right - left) + 2, ty + (bottom - top) + 2], fill=color)

@@ -10,10 +10,11 @@ from htc_lightning.cli import HTCLightningCLI, main
 from htc_lightning.data.synthetic import make_synthetic_coco
 
 ROOT = Path(__file__).resolve().parents[1]
-# fragments without a model (configs/cluster/precision_16-mixed_cpu.yaml) are stacked on a full config: their
-# own tests use them so
+# fragments without a model class (configs/cluster/precision_16-mixed_cpu.yaml, configs/recipes/) are stacked on
+# a full config: their own tests use them so
 CLI_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                     if p.parent.name not in ("parity",) and "model" in yaml.safe_load(p.read_text()))
+                     if p.parent.name not in ("parity",)
+                     and "class_path" in (yaml.safe_load(p.read_text()).get("model") or {}))
 
 
 @pytest.fixture(scope="module")

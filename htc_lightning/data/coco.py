@@ -79,8 +79,9 @@ class CocoDetection(Dataset):
     """COCO images with boxes, labels, masks, crowd boxes and (with ``stuff_dir``) semantic maps.
 
     Labels are contiguous: label ``i`` is category ``cat_ids[i]``. With ``train=True`` images without a
-    usable (non-crowd) annotation are left out, as detectors cannot learn from them (mmdet's
-    ``filter_empty_gt``); evaluation splits keep every image.
+    usable (non-crowd) annotation are left out (mmdet's ``filter_empty_gt``); evaluation splits keep every image.
+    ``filter_empty_gt`` decides it explicitly: ``False`` keeps the images without objects in training, where they
+    teach the RPN and the RoI heads background only (useful when the deployed images are often empty).
 
     ``bad_images``: a file that cannot be decoded or is not of its annotated size is an ``"error"`` naming
     it, or with ``"skip"`` is replaced by the next sample of the same orientation (deterministic, so a resumed
@@ -92,7 +93,7 @@ class CocoDetection(Dataset):
     def __init__(self, ann_file: str | Path, image_dir: str | Path, transform: Transform | None = None,
                  stuff_dir: str | Path | None = None, train: bool = False,
                  missing_images: Literal["error", "skip"] = "error", cat_ids: list[int] | None = None,
-                 bad_images: Literal["error", "skip"] = "error"):
+                 bad_images: Literal["error", "skip"] = "error", filter_empty_gt: bool | None = None):
         if missing_images not in ("error", "skip"):
             raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
         if bad_images not in ("error", "skip"):
@@ -175,6 +176,7 @@ class CocoDetection(Dataset):
 
         records = []
         missing = []
+        drop_empty = train if filter_empty_gt is None else filter_empty_gt
         for image_id in sorted(images):
             info = images[image_id]
             path = self.image_dir / info["file_name"]
@@ -182,7 +184,7 @@ class CocoDetection(Dataset):
                 missing.append(path)
                 continue
             anns = anns_by_image.get(image_id, [])
-            if train and not any(not a.get("iscrowd", 0) for a in anns):
+            if drop_empty and not any(not a.get("iscrowd", 0) for a in anns):
                 continue
             records.append((info, anns))
         if missing:
@@ -211,6 +213,12 @@ class CocoDetection(Dataset):
     @property
     def image_ids(self) -> list[int]:
         return [info["id"] for info, _ in self.records]
+
+    @property
+    def image_labels(self) -> list[set[int]]:
+        """The labels of each image's (non-crowd) objects, from the annotation file (repeat-factor sampling)."""
+        return [{self.cat_to_label[a["category_id"]] for a in anns if not a.get("iscrowd", 0)}
+                for _, anns in self.records]
 
     @property
     def aspect_groups(self) -> list[int]:

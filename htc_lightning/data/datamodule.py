@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .._lightning_compat import uses_distributed_sampler
 from .coco import CocoDetection, ImageFolder, load_json
 from .images import problem_report
-from .samplers import GroupedBatchSampler
+from .samplers import GroupedBatchSampler, repeat_factors
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionCollate, DetectionTransform
 
 
@@ -55,6 +55,11 @@ class CocoDataModule(pl.LightningDataModule):
             and one that is present must list the same categories.
         seed: shuffling seed (epoch ``e`` uses ``seed + e``); each training sample's augmentation (scale,
             flip) is drawn from a seed of (seed, epoch, index), so it does not depend on workers or resumes.
+        filter_empty_gt: leave training images without a (non-crowd) object out (mmdet's default); ``False``
+            trains on them too, as background-only images.
+        repeat_factor_threshold: repeat-factor sampling for long-tailed data (LVIS: ``0.001``): a training image
+            of a category present in a fraction ``f < threshold`` of the images is seen ``sqrt(threshold / f)``
+            times per epoch on average (see ``data/samplers.py``); ``None`` samples every image once.
 
     Distributed training: the train batch sampler shards by rank itself, so the Trainer must not inject a
     ``DistributedSampler`` (``Trainer(use_distributed_sampler=False)``); evaluation loaders are sharded
@@ -72,7 +77,8 @@ class CocoDataModule(pl.LightningDataModule):
                  batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 2,
                  missing_images: Literal["error", "skip"] = "error", group_by_aspect_ratio: bool = True,
                  seed: int = 0, categories: list[dict] | None = None,
-                 bad_images: Literal["error", "skip"] = "error", check_images: bool = False):
+                 bad_images: Literal["error", "skip"] = "error", check_images: bool = False,
+                 filter_empty_gt: bool = True, repeat_factor_threshold: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.data_root = Path(data_root)
@@ -95,6 +101,8 @@ class CocoDataModule(pl.LightningDataModule):
         self._reported_bad: set[str] = set()  # skipped files already reported by this rank
         self.group_by_aspect_ratio = group_by_aspect_ratio
         self.seed = seed
+        self.filter_empty_gt = filter_empty_gt
+        self.repeat_factor_threshold = repeat_factor_threshold
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
         self.test_dataset: CocoDetection | None = None
@@ -164,6 +172,11 @@ class CocoDataModule(pl.LightningDataModule):
     def _eval_transform(self) -> DetectionTransform:
         return DetectionTransform([self.test_scale], flip_prob=0.0, mean=self.mean, std=self.std)
 
+    def eval_pipeline(self) -> tuple[DetectionTransform, DetectionCollate]:
+        """The test-time transform and collate of validation, test and predict, for callers that bring their
+        own images (:class:`htc_lightning.predictor.Predictor`), so they see exactly what ``predict`` sees."""
+        return self._eval_transform(), DetectionCollate(self.size_divisor)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_dataset is None:
             transform = DetectionTransform(self.train_scales, self.train_short_range, self.train_max_long,
@@ -171,7 +184,7 @@ class CocoDataModule(pl.LightningDataModule):
             self.train_dataset = CocoDetection(self._path(self.train_ann), self._path(self.train_images), transform,
                                                self._stuff_dir(self.train_images), train=True,
                                                missing_images=self.missing_images, cat_ids=self.cat_ids,
-                                               bad_images=self.bad_images)
+                                               bad_images=self.bad_images, filter_empty_gt=self.filter_empty_gt)
             if len(self.train_dataset) == 0:
                 raise ValueError(f"no training image in {self.train_dataset.ann_file} has a usable (non-crowd) "
                                  f"annotation and an image file in {self.train_dataset.image_dir}")
@@ -257,8 +270,12 @@ class CocoDataModule(pl.LightningDataModule):
                              "Trainer with use_distributed_sampler=False so Lightning does not replace its sampler")
         dataset = self.train_dataset
         groups = dataset.aspect_groups if self.group_by_aspect_ratio else [0] * len(dataset)
+        factors = None
+        if self.repeat_factor_threshold is not None:
+            factors = repeat_factors(dataset.image_labels, self.repeat_factor_threshold)
         self.train_sampler = GroupedBatchSampler(groups, self.batch_size, shuffle=True, seed=self.seed,
-                                                 num_replicas=world, rank=rank, with_seeds=True)
+                                                 num_replicas=world, rank=rank, with_seeds=True,
+                                                 repeat_factors=factors)
         return self._loader(dataset, batch_sampler=self.train_sampler)
 
     def _eval_loader(self, dataset) -> DataLoader:

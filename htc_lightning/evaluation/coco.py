@@ -141,6 +141,9 @@ class CocoEvaluator(Metric):
         outfile_prefix: when set, :meth:`compute` writes ``{prefix}.bbox.json`` (also for proposals) and
             ``{prefix}.segm.json`` with the original category ids, ready for the COCO test-dev server.
         verbose: print COCO's evaluation log and summary table; it is kept in :attr:`summary` either way.
+        classwise: also compute each category's AP (IoU .5:.95) and AP50 per bbox/segm, returned as
+            ``{iou_type}_AP_{name}`` / ``{iou_type}_AP50_{name}`` (spaces in names become ``_``; -1 for a category
+            without ground truth in the evaluated images), and kept as a table in :attr:`classwise_table`.
 
     Only the images seen by :meth:`update` are evaluated (``params.imgIds``), including images that got no
     detection, so a partial validation run (``limit_val_batches``) gives the AP of that subset. mmdet's
@@ -157,7 +160,7 @@ class CocoEvaluator(Metric):
     def __init__(self, ann_file: str | None, cat_ids: list[int] | None = None,
                  iou_types: tuple[str, ...] = ("bbox", "segm"), backend: Backend = "pycocotools",
                  proposal_nums: tuple[int, ...] = (100, 300, 1000), outfile_prefix: str | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, classwise: bool = False) -> None:
         # no cache: verbose or outfile_prefix set between two compute() calls take effect
         super().__init__(compute_with_cache=False)
         unknown = [t for t in iou_types if t not in _IOU_TYPES]
@@ -174,6 +177,8 @@ class CocoEvaluator(Metric):
         self.proposal_nums = tuple(int(n) for n in proposal_nums)
         self.outfile_prefix = outfile_prefix
         self.verbose = verbose
+        self.classwise = classwise
+        self.classwise_table = ""
         self._cat_ids = None if cat_ids is None else [int(c) for c in cat_ids]
         self._coco_gt = None  # loaded on the evaluating rank at the first compute(), then kept across reset()
         self.summary = ""
@@ -315,15 +320,27 @@ class CocoEvaluator(Metric):
         if not bbox_results:
             warnings.warn(f"CocoEvaluator: no detections on the {len(img_ids)} evaluated images; returning zeros",
                           stacklevel=3)
-            return dict.fromkeys(metric_names(self.iou_types, self.proposal_nums), 0.0)
+            metrics = dict.fromkeys(metric_names(self.iou_types, self.proposal_nums), 0.0)
+            if self.classwise:  # the same keys as any other epoch: 0 where there was something to find
+                names = {c["id"]: c.get("name", str(c["id"])) for c in gt.loadCats(list(self.cat_ids))}
+                table = {names[c]: (0.0, 0.0) if gt.getAnnIds(imgIds=img_ids, catIds=[c], iscrowd=False)
+                         else (-1.0, -1.0) for c in self.cat_ids}
+                per_class = {t: table for t in self.iou_types if t != "proposal"}
+                metrics.update(classwise_metrics(per_class))
+                self.classwise_table = classwise_table(per_class)
+            return metrics
         metrics: dict[str, float] = {}
         summaries = []
+        per_class: dict[str, dict[str, tuple[float, float]]] = {}
         for iou_type in self.iou_types:
             results = segm_results if iou_type == "segm" else bbox_results
-            stats, text = self._evaluate_one(gt, iou_type, results, img_ids)
+            stats, text = self._evaluate_one(gt, iou_type, results, img_ids, per_class)
             metrics.update(zip(metric_names([iou_type], self.proposal_nums), stats))
             summaries.append(text)
         self.summary = "\n".join(summaries)
+        if per_class:
+            metrics.update(classwise_metrics(per_class))
+            self.classwise_table = classwise_table(per_class)
         if self.verbose:
             print(self.summary)
         return metrics
@@ -342,7 +359,8 @@ class CocoEvaluator(Metric):
             self._coco_gt = gt
         return self._coco_gt
 
-    def _evaluate_one(self, gt, iou_type: str, results: list[dict], img_ids: list[int]) -> tuple[list[float], str]:
+    def _evaluate_one(self, gt, iou_type: str, results: list[dict], img_ids: list[int],
+                      per_class: dict[str, dict[str, tuple[float, float]]] | None = None) -> tuple[list[float], str]:
         _, eval_cls = _coco_classes(self.backend)
         log = io.StringIO()
 
@@ -364,6 +382,9 @@ class CocoEvaluator(Metric):
             coco_eval.accumulate()
             coco_eval.summarize()
         stats = [float(s) for s in coco_eval.stats[:12]]
+        if self.classwise and iou_type != "proposal" and per_class is not None:
+            names = {c["id"]: c.get("name", str(c["id"])) for c in gt.loadCats(list(self.cat_ids))}
+            per_class[iou_type] = {names[c]: ap for c, ap in zip(self.cat_ids, per_category_ap(coco_eval))}
         if iou_type == "proposal":
             stats = stats[6:12]  # AR at each budget, then AR small/medium/large at the last one
         return stats, log.getvalue()
@@ -379,3 +400,46 @@ class CocoEvaluator(Metric):
             with open(path, "w") as f:
                 json.dump(results, f)
         self.written_files = [path for path, _ in files]
+
+
+def per_category_ap(coco_eval) -> list[tuple[float, float]]:
+    """(AP over IoU .5:.95, AP at IoU .5) per category of an accumulated COCOeval, in ``params.catIds`` order;
+    -1 where a category has no ground truth (COCO's own convention), as mmdet's ``classwise`` reads them."""
+    precision = np.asarray(coco_eval.eval["precision"])  # (iou thresholds, recall points, categories, areas, maxDets)
+    out = []
+    for k in range(precision.shape[2]):
+        values = []
+        for p in (precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]):  # area "all", the largest maxDets
+            p = p[p > -1]
+            values.append(float(p.mean()) if p.size else -1.0)
+        out.append((values[0], values[1]))
+    return out
+
+
+def metric_key(name: str) -> str:
+    """A category name as it appears in a metric key (``traffic light`` -> ``traffic_light``)."""
+    return "_".join(str(name).split())
+
+
+def classwise_metrics(per_class: dict[str, dict[str, tuple[float, float]]]) -> dict[str, float]:
+    metrics = {}
+    for iou_type, table in per_class.items():
+        for name, (ap, ap50) in table.items():
+            metrics[f"{iou_type}_AP_{metric_key(name)}"] = ap
+            metrics[f"{iou_type}_AP50_{metric_key(name)}"] = ap50
+    return metrics
+
+
+def classwise_table(per_class: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """One row per category: AP and AP50 of each iou type ('-' where the category has no ground truth)."""
+    iou_types = list(per_class)
+    names = list(next(iter(per_class.values())))
+    width = max([8] + [len(n) for n in names])
+    header = f"{'category':<{width}}" + "".join(f" {t + ' AP':>9} {t + ' AP50':>9}" for t in iou_types)
+    rows = [header, "-" * len(header)]
+    for name in names:
+        cells = []
+        for iou_type in iou_types:
+            cells += [f"{v:9.3f}" if v >= 0 else f"{'-':>9}" for v in per_class[iou_type][name]]
+        rows.append(f"{name:<{width}} " + " ".join(cells))
+    return "\n".join(rows)
