@@ -1,7 +1,7 @@
 """The tiny semantic-free HTC learns real photographs: it overfits N real COCO train images (CPU, from scratch).
 
     python benchmarks/real_coco_overfit.py --coco ../shared/coco_tiny                 # 16 images, defaults below
-    python benchmarks/real_coco_overfit.py --coco DIR --images 16 --size 320 --steps 1500 --lr 0.02
+    python benchmarks/real_coco_overfit.py --coco DIR --images 16 --size 320 --steps 1500 --lr 0.02 --threads 2
 
 A sanity check on real data (real polygons, crowd regions, COCO's non-contiguous category ids, JPEG decoding),
 not a benchmark of accuracy: the detector of ``configs/tiny/htc-without-semantic_tiny_coco.yaml`` (ResNet-18 at
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip", type=float, default=0.0, help="random horizontal flip probability")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (on a shared machine more threads spin and slow the run down)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[],
                         help="detector override as in mmdet_parity, e.g. roi_head.init_args.score_thr=0.01")

@@ -187,3 +187,12 @@ def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
                           [20.0, 20.0, 36.0, 36.0],  # centre (28, 28): kept on the coarse level
                           [0.0, 0.0, 4.0, 4.0]])     # centre (2, 2): kept nowhere
     assert centre_kept([fine, coarse], (4, 8), boxes, 0).tolist() == [True, True, False]
+
+
+def test_real_coco_overfit_prints_the_loss_curve_and_an_ap_row_per_evaluation():
+    out = run("real_coco_overfit.py", "--coco", str(ROOT / "tests" / "fixtures" / "coco_tiny"), "--images", "4",
+              "--size", "64", "--steps", "2", "--eval-every", "1", "--log-every", "1", "--warmup", "1")
+    assert "4 images (36 annotations)" in out and "80 classes" in out
+    assert len(re.findall(r"^step +[12] ", out, re.M)) == 2  # the loss curve
+    rows = table_rows(out, "1") + table_rows(out, "2")
+    assert len(rows) == 2 and all(0.0 <= float(v) <= 1.0 for row in rows for v in row[2:])
