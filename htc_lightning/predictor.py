@@ -175,6 +175,26 @@ class Predictor:
         return Prediction(det.boxes.float(), det.scores.float(), labels, masks, names, ids,
                           tuple(meta["orig_size"]), source)
 
+    # -- export --------------------------------------------------------------------------------------------
+
+    def export(self, out: str | PathLike, format: Literal["onnx", "torch.export"] = "onnx",
+               size: Sequence[int] | None = None, check_images: Sequence[str | PathLike] | None = None) -> dict:
+        """``htc-lightning export`` from Python: writes the inference graph to ``out`` and checks it against
+        eager inference on ``check_images`` (default: the photographs the command uses; ``[]`` skips the check).
+        ``size`` is (H, W) of the traced example and the check images' resize bound (default: the test scale)."""
+        from .export import DEFAULT_CHECK_IMAGES, export_detector, image_files
+
+        if size is None:
+            scale = self.datamodule.test_scale
+            size = (min(scale), max(scale))
+        if check_images is None:
+            check_images = [DEFAULT_CHECK_IMAGES] if DEFAULT_CHECK_IMAGES.is_dir() else []
+        files = image_files(check_images) if check_images else []
+        report = export_detector(self.module.detector, format, size, out, files, self.datamodule.mean,
+                                 self.datamodule.std, self.categories)
+        self.module.to(self.device)  # export runs on the CPU
+        return report
+
     # -- drawing -------------------------------------------------------------------------------------------
 
     def draw(self, image: ImageInput, prediction: Prediction | None = None, score_thr: float = 0.3) -> Image.Image:

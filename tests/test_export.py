@@ -68,7 +68,7 @@ def test_export_refuses_soft_nms():
         export.InferenceGraph(detector)
 
 
-def test_export_command_on_a_fitted_checkpoint(tmp_path, coco_root):
+def test_export_command_and_predictor_export_on_a_fitted_checkpoint(tmp_path, coco_root):
     from test_cli_real_htc import tiny_htc_config
 
     from htc_lightning.cli import HTCLightningCLI
@@ -84,6 +84,13 @@ def test_export_command_on_a_fitted_checkpoint(tmp_path, coco_root):
     assert all(c["ok"] for c in report["check"])
     assert report["categories"] and report["mask_thr"] == 0.5
     assert (out / "model.pt2").is_file()
+    # the Predictor's export is the same command from Python: same graph, same check, same report
+    from htc_lightning import Predictor
+
+    report = Predictor(ckpt).export(tmp_path / "from_python", "onnx", size=(96, 128))
+    assert report["format"] == "onnx" and report["size"] == [96, 128]
+    assert len(report["check"]) == 3 and all(c["ok"] for c in report["check"])
+    assert (tmp_path / "from_python" / "model.onnx").is_file()
 
 
 def test_export_command_names_a_missing_checkpoint(tmp_path):
