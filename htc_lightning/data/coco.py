@@ -20,6 +20,8 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from . import packed
+
 Transform = Callable[..., tuple[Tensor, dict]]  # (image, target[, generator=]) -> (image, target)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _SHOWN_IDS = 5  # how many offending annotation ids a warning lists
@@ -81,6 +83,15 @@ class CocoDetection(Dataset):
         self.image_dir = Path(image_dir)
         self.stuff_dir = Path(stuff_dir) if stuff_dir is not None else None
         self.transform = transform
+        # The cache key: what shapes the records (the folder's mtime changes when image files come or go).
+        options = {"image_dir": self.image_dir.resolve(), "train": train, "missing_images": missing_images,
+                   "cat_ids": cat_ids, "class": type(self).__qualname__,
+                   "image_dir_mtime": self.image_dir.stat().st_mtime_ns if self.image_dir.is_dir() else None}
+        self.records = packed.load_or_build(self, self.ann_file, options, [Path(__file__), Path(packed.__file__)],
+                                            lambda: self._parse(train, missing_images, cat_ids))
+
+    def _parse(self, train: bool, missing_images: str, cat_ids: list[int] | None) -> list[tuple[dict, list[dict]]]:
+        """Reads and checks the annotation file: the records ``(image info, annotations)`` of the split."""
         data = load_json(self.ann_file)
         categories = sorted(data.get("categories", []), key=lambda c: c["id"])
         self.cat_ids = list(cat_ids) if cat_ids is not None else [c["id"] for c in categories]
@@ -154,19 +165,24 @@ class CocoDetection(Dataset):
             if missing_images == "error":
                 raise FileNotFoundError(message)
             warnings.warn(message + " (skipped)", stacklevel=2)
-        self.records = records
+        return records
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def image_ids(self) -> list[int]:
-        return [info["id"] for info, _ in self.records]
+        return self.records.image_ids.tolist()
 
     @property
     def aspect_groups(self) -> list[int]:
         """0 for landscape (w >= h), 1 for portrait, from the annotation file (no decoding)."""
-        return [int(info["width"] < info["height"]) for info, _ in self.records]
+        sizes = self.records.sizes
+        unsized = np.flatnonzero((sizes < 0).any(axis=1))
+        if len(unsized):
+            raise ValueError(f"image {self.image_ids[unsized[0]]} in {self.ann_file} has no 'width'/'height': "
+                             f"grouping by aspect ratio needs them (or set group_by_aspect_ratio=False)")
+        return (sizes[:, 1] < sizes[:, 0]).astype(np.int64).tolist()
 
     def load(self, index: int) -> tuple[Tensor, dict]:
         """The image (uint8 (3, H, W)) and its annotations in the original frame."""
