@@ -34,8 +34,6 @@ Backend = Literal["pycocotools", "faster_coco_eval"]
 DET_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
                   "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
 _IOU_TYPES = ("bbox", "segm", "proposal")
-# Masks are RLE-encoded this many at a time, bounding the temporary uint8 copy.
-_ENCODE_CHUNK = 32
 
 
 def _coco_classes(backend: Backend) -> tuple[type, type]:
@@ -63,18 +61,47 @@ def metric_names(iou_types: Sequence[str], proposal_nums: Sequence[int] = (100, 
 
 def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     """(N, H, W) binary masks -> COCO compressed RLEs with ``str`` counts (json-ready)."""
+    return [{"size": list(masks.shape[-2:]), "counts": c.decode("ascii")} for c in _rle_counts(masks)]
+
+
+def _rle_counts(masks: torch.Tensor) -> list[bytes]:
+    """The compressed RLE strings of (N, H, W) binary masks, byte for byte what ``pycocotools.mask.encode``
+    gives for the whole masks.
+
+    COCO's RLE runs down the columns, so a mask is zeros up to its first non-empty column and after its last:
+    only the changes inside that window are searched (a detection's mask covers its box, a few percent of the
+    image), along the rows of the C-ordered array. Encoding the whole image needed a column-major copy of it and
+    a scan of every pixel: 87 ms for a COCO image's 100 masks.
+    """
     if masks.is_floating_point():
         raise ValueError(f"masks must be bool or integer binary masks, got {masks.dtype} (threshold them first)")
     array = masks.detach().cpu().numpy()
     array = array.view(np.uint8) if array.dtype == np.bool_ else (array != 0).view(np.uint8)
-    rles: list[dict[str, Any]] = []
-    for start in range(0, array.shape[0], _ENCODE_CHUNK):
-        # pycocotools wants column-major (H, W, N) uint8; numpy's single-threaded transposing copy is several
-        # times faster here than torch's permute().contiguous() on a busy CPU.
-        for rle in mask_util.encode(np.asfortranarray(array[start:start + _ENCODE_CHUNK].transpose(1, 2, 0))):
-            rle["counts"] = rle["counts"].decode("ascii")
-            rles.append(rle)
-    return rles
+    n, h, w = array.shape
+    if n == 0:
+        return []
+    uncompressed = []
+    for mask, used in zip(array, array.any(axis=1)):
+        used = np.flatnonzero(used)
+        if len(used) == 0:
+            uncompressed.append({"size": [h, w], "counts": [h * w]})
+            continue
+        x0, x1 = int(used[0]), int(used[-1]) + 1
+        window = mask[:, x0:x1]
+        row, col = np.divmod(np.flatnonzero(window[1:] != window[:-1]), x1 - x0)
+        # Where the value changes, as column-major positions in the whole image: inside a column, and where a
+        # column starts or ends on a 1. A column ending on 1 followed by one starting on 1 is no change: both go.
+        changes = np.concatenate([(col + x0) * h + row + 1, (np.flatnonzero(window[0]) + x0) * h,
+                                  (np.flatnonzero(window[-1]) + x0 + 1) * h])
+        changes.sort()
+        repeated = np.flatnonzero(changes[1:] == changes[:-1])
+        if len(repeated):
+            changes = np.delete(changes, np.concatenate([repeated, repeated + 1]))
+        if len(changes) and changes[-1] == h * w:
+            changes = changes[:-1]
+        uncompressed.append({"size": [h, w], "counts": np.diff(changes, prepend=0, append=h * w).tolist()})
+    # pycocotools compresses the runs as its encode() does
+    return [rle["counts"] for rle in mask_util.frPyObjects(uncompressed, h, w)]
 
 
 def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
@@ -202,7 +229,7 @@ class CocoEvaluator(Metric):
                     raise ValueError(f"image {image_id}: masks are {tuple(det.masks.shape[-2:])}, "
                                      f"expected the original size {size}")
                 size = tuple(det.masks.shape[-2:])
-                counts = [rle["counts"].encode("ascii") for rle in encode_masks(det.masks)]
+                counts = _rle_counts(det.masks)
                 self._append("rle_lengths", torch.tensor([len(c) for c in counts]))
                 self._append("rle_bytes", torch.frombuffer(bytearray(b"".join(counts)), dtype=torch.uint8))
             # xywh in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values
