@@ -141,8 +141,11 @@ def test_cache_key_follows_the_json_content_and_the_arguments(synthetic, cache):
     data["annotations"] = data["annotations"][1:]
     ann_file.write_text(json.dumps(data))
     ds = CocoDetection(ann_file, image_dir)
-    assert len(list(cache.glob("*.pack"))) == 3
     assert sum(len(anns) for _, anns in ds.records) == len(data["annotations"])
+    # the new content's file replaced the old one of the same options; the train=True one stays
+    assert len(list(cache.glob("*.pack"))) == 2
+    assert len(CocoDetection(ann_file, image_dir, train=True)) == len(ds)
+    assert len(list(cache.glob("*.pack"))) == 2
 
 
 def test_a_cache_hit_repeats_the_warnings_of_the_parse(synthetic, cache):

@@ -201,8 +201,10 @@ def load_or_build(target: object, ann_file: Path, options: dict[str, Any], code_
     folder = cache_dir()
     if folder is None or ann_file.stat().st_size < CACHE_MIN_BYTES:
         return _build(build)
-    key = _digest([ann_file, *code_files], options)
-    path = folder / f"{ann_file.stem}-{key[:32]}.pack"
+    # Named by the file and options, then by the content: a new version of the json (or of the parser)
+    # replaces the old cache file, other splits and options keep theirs.
+    family = f"{ann_file.stem}-{_digest([], {'path': ann_file.resolve(), **options})[:8]}"
+    path = folder / f"{family}-{_digest([ann_file, *code_files], options)[:24]}.pack"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / f"{path.name}.lock", "a")
@@ -229,6 +231,9 @@ def load_or_build(target: object, ann_file: Path, options: dict[str, Any], code_
                               f"{ann_file} itself", stacklevel=3)
                 return records
             del records  # from here on this process, too, reads the shared mapping
+            for old in folder.glob(f"{family}-*.pack"):
+                if old != path:
+                    old.unlink(missing_ok=True)  # processes still mapping it keep their pages
         records, meta = PackedRecords.load(path)
     vars(target).update(meta["attributes"])
     for category, message in meta["warnings"]:
