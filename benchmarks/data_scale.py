@@ -15,7 +15,8 @@ measurement runs in a fresh process, so peak memory is its own:
   ``--dets`` masked detections each (from 8 detection sets reused cyclically, matching ground truth written
   for them), then ``compute``: its wall time and peak RSS above its start; the AP of both must agree to 1e-12.
 - throughput: images/s of one single-threaded worker through the full-size training pipeline (decode,
-  masks, resize to 1333x800, flip 0.5, normalise) on 32 of the real photographs (data_throughput.py's loop).
+  masks, resize to 1333x800, flip 0.5, normalise) on ``--throughput-images`` of the real photographs
+  (data_throughput.py's loop).
 
     python benchmarks/data_scale.py                    # full scale, as in the issue (~30 min on 2 busy cores)
     python benchmarks/data_scale.py --scale 0.02       # a quick one
@@ -145,7 +146,9 @@ def module_at(commit: str | None, relative: str, workdir: Path):
     path = workdir / "before" / relative.replace("/", "__")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"before_{path.stem}", path)
+    package = relative.rpartition("/")[0].replace("/", ".")
+    importlib.import_module(package)  # its relative imports resolve against this checkout's package
+    spec = importlib.util.spec_from_file_location(f"{package}._before_{Path(relative).stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -187,7 +190,10 @@ def child_dataset(args) -> dict:
     t0 = time.perf_counter()
     dataset = coco.CocoDetection(args.ann, args.images, train=True)
     seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "rss": rss() - base_rss, "uss": uss() - base_uss, "peak": peak_rss() - base_rss,
+    # the rank that parses does it in a forked process (see htc_lightning/data/packed.py): its peak counts too
+    parser_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    out = {"seconds": seconds, "rss": rss() - base_rss, "uss": uss() - base_uss,
+           "peak": max(peak_rss(), parser_peak) - base_rss,
            "images": len(dataset), "mapped": getattr(dataset.records, "_path", None) is not None,
            "shared": getattr(dataset.records, "nbytes", 0)}
     if args.samples:
@@ -311,6 +317,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8000, help="records each worker reads")
     parser.add_argument("--eval-images", type=int, default=None, help=f"default: {EVAL_IMAGES} x scale")
     parser.add_argument("--dets", type=int, default=100)
+    parser.add_argument("--throughput-images", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], choices=["dataset", "eval", "throughput"])
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--ann", help=argparse.SUPPRESS)
@@ -330,9 +337,9 @@ def main() -> None:
         polygons = write_scale_json(ann, num_images, images)
         print(f"wrote {ann} ({ann.stat().st_size / MB:.0f} MiB, {num_images} images, {polygons} polygons) "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    small = args.workdir / "instances_32.json"
+    small = args.workdir / f"instances_small_{args.throughput_images}.json"
     if not small.exists():
-        write_scale_json(small, len(images), images, seed=1)
+        write_scale_json(small, min(args.throughput_images, len(images)), images, seed=1)
     eval_ann = args.workdir / f"eval_{args.eval_images}.json"
     if not eval_ann.exists():
         write_eval_json(eval_ann, args.eval_images)

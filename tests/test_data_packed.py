@@ -191,3 +191,12 @@ def test_small_files_and_off_skip_the_cache(synthetic, tmp_path, monkeypatch):
         warnings.simplefilter("error")
         CocoDetection(*synthetic)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_cache_write_parses_here_with_a_warning(synthetic, cache, monkeypatch):
+    def full_disk(self, path, meta):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(PackedRecords, "save", full_disk)  # the forked parser inherits it
+    with pytest.warns(UserWarning, match="cannot write the annotation cache .*No space left on device"):
+        ds = CocoDetection(*synthetic)
+    assert len(ds) == 6 and ds.cat_ids and not list(cache.glob("*.pack"))

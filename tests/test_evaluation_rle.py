@@ -31,7 +31,8 @@ def _edge_cases(h: int, w: int) -> torch.Tensor:
     return masks
 
 
-@pytest.mark.parametrize("size", [(2, 5), (5, 6), (6, 9), (33, 17), (6, 16), (9, 24), (7, 29)])  # 1-pixel sizes: the random test
+# (1-pixel sides are in the random test)
+@pytest.mark.parametrize("size", [(2, 5), (5, 6), (6, 9), (33, 17), (6, 16), (9, 24), (7, 29)])
 def test_window_encoding_equals_pycocotools_on_edge_cases(size):
     masks = _edge_cases(*size)
     assert _rle_counts(masks) == _pycocotools(masks)

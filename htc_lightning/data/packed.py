@@ -9,10 +9,11 @@ one float64 array (pickle would spend 9 bytes on each). ``records[i]`` rebuilds 
 (polygon coordinates come back as Python floats) on each access, so nothing per image stays alive.
 
 :func:`load_or_build` shares the work between the processes of a node: the first to take a file lock parses the
-json and writes the packed arrays to a cache file named by the json's content hash and the dataset's arguments;
-the others (and later runs) map that file read-only, so its pages are the page cache's, shared by every rank and
-worker. Set ``HTC_LIGHTNING_ANN_CACHE`` to a folder (default ``~/.cache/htc_lightning/annotations``) or to
-``off``; files smaller than :data:`CACHE_MIN_BYTES` are parsed in place, as parsing them costs less than hashing.
+json and writes the packed arrays to a cache file named by the json's content hash and the dataset's arguments
+(in a forked process, so that no process keeps the parse's heap); the others (and later runs) map that file
+read-only, so its pages are the page cache's, shared by every rank and worker. Set ``HTC_LIGHTNING_ANN_CACHE``
+to a folder (default ``~/.cache/htc_lightning/annotations``) or to ``off``; files smaller than
+:data:`CACHE_MIN_BYTES` are parsed in place, as parsing them costs less than hashing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import itertools
 import mmap
+import multiprocessing
 import os
 import pickle
 import struct
@@ -216,21 +218,12 @@ def load_or_build(target: object, ann_file: Path, options: dict[str, Any], code_
         # One process of the node parses; the others wait here, then map what it wrote.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            before = set(vars(target))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                records = PackedRecords(build())
-            attributes = {k: v for k, v in vars(target).items() if k not in before}
-            try:
-                records.save(path, {"attributes": attributes,
-                                    "warnings": [(w.category, str(w.message)) for w in caught]})
-            except OSError as e:
-                for w in caught:
-                    warnings.warn(w.message, w.category, stacklevel=3)
-                warnings.warn(f"cannot write the annotation cache {path} ({e}); every process parses "
+            failure = _build_and_save_in_child(target, build, path)
+            if failure is not None:  # the folder is not writable after all
+                records = _build(build, stacklevel=5)
+                warnings.warn(f"cannot write the annotation cache {path} ({failure}); every process parses "
                               f"{ann_file} itself", stacklevel=3)
                 return records
-            del records  # from here on this process, too, reads the shared mapping
             for old in folder.glob(f"{family}-*.pack"):
                 if old != path:
                     old.unlink(missing_ok=True)  # processes still mapping it keep their pages
@@ -241,10 +234,54 @@ def load_or_build(target: object, ann_file: Path, options: dict[str, Any], code_
     return records
 
 
-def _build(build: Callable) -> PackedRecords:
+def _build(build: Callable, stacklevel: int = 4) -> PackedRecords:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = PackedRecords(build())
     for w in caught:  # re-raised after the parse, so they point at the dataset's caller as before
-        warnings.warn(w.message, w.category, stacklevel=4)
+        warnings.warn(w.message, w.category, stacklevel=stacklevel)
     return records
+
+
+def _build_and_save_in_child(target: object, build: Callable, path: Path) -> str | None:
+    """Runs ``build`` in a forked process that writes the cache file, so that the parsed json (GBs of Python
+    objects at COCO scale, whose freed heap the allocator keeps) never lives in this one. Re-raises the
+    parse's errors here; returns why the file could not be written, None when it was."""
+    if multiprocessing.current_process().daemon:  # a daemonic process may not fork: parse here
+        return _build_and_save(target, build, path)
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(target, build, path, writer), daemon=True)
+    child.start()
+    writer.close()
+    try:
+        kind, value = reader.recv()
+    except EOFError:
+        kind, value = "error", RuntimeError(f"the process parsing into {path} died")
+    child.join()
+    if kind == "error":
+        raise value
+    return value
+
+
+def _build_and_save(target: object, build: Callable, path: Path) -> str | None:
+    before = set(vars(target))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = PackedRecords(build())
+    attributes = {k: v for k, v in vars(target).items() if k not in before}
+    try:
+        records.save(path, {"attributes": attributes, "warnings": [(w.category, str(w.message)) for w in caught]})
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def _child_main(target: object, build: Callable, path: Path, writer) -> None:
+    try:
+        writer.send(("ok", _build_and_save(target, build, path)))
+    except BaseException as e:  # noqa: BLE001 - every failure of the parse goes to the waiting parent
+        try:
+            writer.send(("error", e))
+        except Exception:  # an exception that does not pickle
+            writer.send(("error", RuntimeError(repr(e))))
