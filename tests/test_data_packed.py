@@ -200,3 +200,10 @@ def test_a_failed_cache_write_parses_here_with_a_warning(synthetic, cache, monke
     with pytest.warns(UserWarning, match="cannot write the annotation cache .*No space left on device"):
         ds = CocoDetection(*synthetic)
     assert len(ds) == 6 and ds.cat_ids and not list(cache.glob("*.pack"))
+
+
+def test_an_empty_split_round_trips_through_the_cache_file(tmp_path):
+    PackedRecords([]).save(tmp_path / "empty.pack", {"attributes": {}})
+    records, meta = PackedRecords.load(tmp_path / "empty.pack")
+    assert len(records) == 0 and records.image_ids.tolist() == [] and records.sizes.shape == (0, 2)
+    assert meta == {"attributes": {}}

@@ -136,7 +136,9 @@ class PackedRecords(Sequence):
             f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
             for name in _ARRAYS:
                 f.seek(start + layout[name][2])
-                f.write(memoryview(np.ascontiguousarray(self._arrays[name])).cast("B"))
+                array = np.ascontiguousarray(self._arrays[name])
+                if array.size:  # (a memoryview of an empty array cannot be cast)
+                    f.write(memoryview(array).cast("B"))
             f.truncate(start + offset)
         os.replace(tmp, path)  # readers never see a half-written file
 
