@@ -197,7 +197,7 @@ def test_data_scale_measures_set_up_workers_evaluation_and_throughput_before_and
     rows = {r[0]: r[1:] for r in (line.strip().strip("|").split("|") for line in out.splitlines()
                                   if line.startswith("| ") and not line.startswith("| measure"))}
     rows = {k.strip(): [c.strip() for c in v] for k, v in rows.items()}
-    assert rows["images kept (train=True)"][0] == rows["images kept (train=True)"][1] == "100"
+    assert rows["images kept (train=True)"][0] == rows["images kept (train=True)"][1] == "118"  # 0.001 x 118,287
     assert float(rows["set-up, cache filled (next run) (s)"][1]) >= 0
     assert "mapping" in rows["annotations per rank, USS (MB)"][1]
     assert rows["worker growth, 1 -> 50 samples (MB)"][2] == "<= 5"
