@@ -196,3 +196,21 @@ def test_real_coco_overfit_prints_the_loss_curve_and_an_ap_row_per_evaluation():
     assert len(re.findall(r"^step +[12] ", out, re.M)) == 2  # the loss curve
     rows = table_rows(out, "1") + table_rows(out, "2")
     assert len(rows) == 2 and all(0.0 <= float(v) <= 1.0 for row in rows for v in row[2:])
+
+
+def test_data_scale_measures_set_up_workers_evaluation_and_throughput_before_and_after(tmp_path):
+    # "before" is HEAD's code here (any commit works); the real comparison is in the issue-26 note
+    out = run("data_scale.py", "--scale", "0.001", "--workdir", str(tmp_path), "--before", "HEAD",
+              "--coco-tiny", str(ROOT / "tests/fixtures/coco_real/images"), "--samples", "50", "--workers", "2",
+              "--eval-images", "10", "--dets", "10", "--throughput-images", "2", timeout=600)
+    rows = {r[0]: r[1:] for r in (line.strip().strip("|").split("|") for line in out.splitlines()
+                                  if line.startswith("| ") and not line.startswith("| measure"))}
+    rows = {k.strip(): [c.strip() for c in v] for k, v in rows.items()}
+    assert rows["images kept (train=True)"][0] == rows["images kept (train=True)"][1] == "118"  # 0.001 x 118,287
+    assert float(rows["set-up, cache filled (next run) (s)"][1]) >= 0
+    assert "mapping" in rows["annotations per rank, USS (MB)"][1]
+    assert rows["worker growth, 1 -> 50 samples (MB)"][2] == "<= 5"
+    assert rows["eval segm mAP / bbox mAP"][0] == rows["eval segm mAP / bbox mAP"][1]
+    assert rows["eval segm mAP / bbox mAP"][2] == "max diff 0.0e+00"
+    wall, cpu = (float(v) for v in rows["images/s per worker, 1333x800 flip masks (wall / CPU)"][1].split("/"))
+    assert wall > 0 and cpu > 0

@@ -323,3 +323,17 @@ def test_ddp_gather_equals_single_process_and_drops_padding_repeats(ann_file, tm
     for iou_type in ("bbox", "segm"):
         gathered = json.loads((tmp_path / f"ddp.{iou_type}.json").read_text())
         assert gathered == json.loads((tmp_path / f"single.{iou_type}.json").read_text()), iou_type
+
+
+def test_only_rank_0_builds_the_results(ann_file, monkeypatch):
+    from htc_lightning.evaluation import coco
+
+    evaluator = CocoEvaluator(ann_file)
+    evaluator.update(*_gt_detections(ann_file))
+    monkeypatch.setattr(coco, "_dist_info", lambda: (1, 1))  # another rank (world 1: no broadcast to wait for)
+
+    def refuse(*args):
+        raise AssertionError("a rank other than 0 built COCO results")
+    monkeypatch.setattr(evaluator, "_results", refuse)
+    monkeypatch.setattr(evaluator, "per_image_results", refuse)
+    assert evaluator.compute() is None

@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from . import packed
 from .encoded_masks import EncodedMasks
 from .images import BadImageError, ImageProblem, check_images, read_rgb
 
@@ -104,6 +105,18 @@ class CocoDetection(Dataset):
         self.image_dir = Path(image_dir)
         self.stuff_dir = Path(stuff_dir) if stuff_dir is not None else None
         self.transform = transform
+        # The cache key: what shapes the records (the folder's mtime changes when image files come or go).
+        options = {"image_dir": self.image_dir.resolve(), "train": train, "missing_images": missing_images,
+                   "cat_ids": cat_ids, "filter_empty_gt": filter_empty_gt, "class": type(self).__qualname__,
+                   "image_dir_mtime": self.image_dir.stat().st_mtime_ns if self.image_dir.is_dir() else None}
+        self.records = packed.load_or_build(self, self.ann_file, options, [Path(__file__), Path(packed.__file__)],
+                                            lambda: self._parse(train, missing_images, cat_ids, filter_empty_gt))
+        if self.stuff_dir is not None:
+            self._check_stuff_maps()
+
+    def _parse(self, train: bool, missing_images: str, cat_ids: list[int] | None,
+               filter_empty_gt: bool | None) -> list[tuple[dict, list[dict]]]:
+        """Reads and checks the annotation file: the records ``(image info, annotations)`` of the split."""
         # NaN / Infinity literals (json.dumps writes them) are noted while parsing, so the coordinates of a clean
         # file are not walked a second time.
         literals: list[str] = []
@@ -193,9 +206,7 @@ class CocoDetection(Dataset):
             if missing_images == "error":
                 raise FileNotFoundError(message)
             warnings.warn(message + " (skipped)", stacklevel=2)
-        self.records = records
-        if self.stuff_dir is not None:
-            self._check_stuff_maps()
+        return records
 
     def _check_unique_ids(self, data: dict) -> None:
         # pycocotools indexes both by id: a repeated id silently merges two images (or annotations) into one
@@ -212,7 +223,7 @@ class CocoDetection(Dataset):
 
     @property
     def image_ids(self) -> list[int]:
-        return [info["id"] for info, _ in self.records]
+        return self.records.image_ids.tolist()
 
     @property
     def image_labels(self) -> list[set[int]]:
@@ -223,7 +234,12 @@ class CocoDetection(Dataset):
     @property
     def aspect_groups(self) -> list[int]:
         """0 for landscape (w >= h), 1 for portrait, from the annotation file (no decoding)."""
-        return [int(info["width"] < info["height"]) for info, _ in self.records]
+        sizes = self.records.sizes
+        unsized = np.flatnonzero((sizes < 0).any(axis=1))
+        if len(unsized):
+            raise ValueError(f"image {self.image_ids[unsized[0]]} in {self.ann_file} has no 'width'/'height': "
+                             f"grouping by aspect ratio needs them (or set group_by_aspect_ratio=False)")
+        return (sizes[:, 1] < sizes[:, 0]).astype(np.int64).tolist()
 
     def load(self, index: int, encoded_masks: bool = False) -> tuple[Tensor, dict]:
         """The image (uint8 (3, H, W), upright) and its annotations in the original frame; ``encoded_masks``

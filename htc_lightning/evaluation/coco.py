@@ -34,8 +34,6 @@ Backend = Literal["pycocotools", "faster_coco_eval"]
 DET_STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
                   "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
 _IOU_TYPES = ("bbox", "segm", "proposal")
-# Masks are RLE-encoded this many at a time, bounding the temporary uint8 copy.
-_ENCODE_CHUNK = 32
 
 
 def _coco_classes(backend: Backend) -> tuple[type, type]:
@@ -63,18 +61,47 @@ def metric_names(iou_types: Sequence[str], proposal_nums: Sequence[int] = (100, 
 
 def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     """(N, H, W) binary masks -> COCO compressed RLEs with ``str`` counts (json-ready)."""
+    return [{"size": list(masks.shape[-2:]), "counts": c.decode("ascii")} for c in _rle_counts(masks)]
+
+
+def _rle_counts(masks: torch.Tensor) -> list[bytes]:
+    """The compressed RLE strings of (N, H, W) binary masks, byte for byte what ``pycocotools.mask.encode``
+    gives for the whole masks.
+
+    COCO's RLE runs down the columns, so a mask is zeros up to its first non-empty column and after its last:
+    only the changes inside that window are searched (a detection's mask covers its box, a few percent of the
+    image), along the rows of the C-ordered array. Encoding the whole image needed a column-major copy of it and
+    a scan of every pixel: 87 ms for a COCO image's 100 masks.
+    """
     if masks.is_floating_point():
         raise ValueError(f"masks must be bool or integer binary masks, got {masks.dtype} (threshold them first)")
     array = masks.detach().cpu().numpy()
     array = array.view(np.uint8) if array.dtype == np.bool_ else (array != 0).view(np.uint8)
-    rles: list[dict[str, Any]] = []
-    for start in range(0, array.shape[0], _ENCODE_CHUNK):
-        # pycocotools wants column-major (H, W, N) uint8; numpy's single-threaded transposing copy is several
-        # times faster here than torch's permute().contiguous() on a busy CPU.
-        for rle in mask_util.encode(np.asfortranarray(array[start:start + _ENCODE_CHUNK].transpose(1, 2, 0))):
-            rle["counts"] = rle["counts"].decode("ascii")
-            rles.append(rle)
-    return rles
+    n, h, w = array.shape
+    if n == 0:
+        return []
+    uncompressed = []
+    for mask, used in zip(array, array.any(axis=1)):
+        used = np.flatnonzero(used)
+        if len(used) == 0:
+            uncompressed.append({"size": [h, w], "counts": [h * w]})
+            continue
+        x0, x1 = int(used[0]), int(used[-1]) + 1
+        window = mask[:, x0:x1]
+        row, col = np.divmod(np.flatnonzero(window[1:] != window[:-1]), x1 - x0)
+        # Where the value changes, as column-major positions in the whole image: inside a column, and where a
+        # column starts or ends on a 1. A column ending on 1 followed by one starting on 1 is no change: both go.
+        changes = np.concatenate([(col + x0) * h + row + 1, (np.flatnonzero(window[0]) + x0) * h,
+                                  (np.flatnonzero(window[-1]) + x0 + 1) * h])
+        changes.sort()
+        repeated = np.flatnonzero(changes[1:] == changes[:-1])
+        if len(repeated):
+            changes = np.delete(changes, np.concatenate([repeated, repeated + 1]))
+        if len(changes) and changes[-1] == h * w:
+            changes = changes[:-1]
+        uncompressed.append({"size": [h, w], "counts": np.diff(changes, prepend=0, append=h * w).tolist()})
+    # pycocotools compresses the runs as its encode() does
+    return [rle["counts"] for rle in mask_util.frPyObjects(uncompressed, h, w)]
 
 
 def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
@@ -216,7 +243,7 @@ class CocoEvaluator(Metric):
                     raise ValueError(f"image {image_id}: masks are {tuple(det.masks.shape[-2:])}, "
                                      f"expected the original size {size}")
                 size = tuple(det.masks.shape[-2:])
-                counts = [rle["counts"].encode("ascii") for rle in encode_masks(det.masks)]
+                counts = _rle_counts(det.masks)
                 self._append("rle_lengths", torch.tensor([len(c) for c in counts]))
                 self._append("rle_bytes", torch.frombuffer(bytearray(b"".join(counts)), dtype=torch.uint8))
             # xywh in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values
@@ -246,46 +273,58 @@ class CocoEvaluator(Metric):
             value = torch.cat(value) if value else torch.empty(0, dtype=_STATES[name])
         return value.detach().cpu().to(_STATES[name])
 
+    def _kept(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The evaluated image ids, sorted, with the state index of each one's first copy (``DistributedSampler``
+        pads the last batch with repeated images) and the state indices of that copy's detections, in that
+        order: sorting by image id makes the result order, hence score ties, independent of how ranks split
+        the data."""
+        image_ids = self._state("image_ids").numpy()
+        starts = np.concatenate([[0], np.cumsum(self._state("num_dets").numpy())])
+        ids, first = np.unique(image_ids, return_index=True)
+        dets = [np.arange(starts[k], starts[k + 1]) for k in first]
+        return ids.tolist(), first, np.concatenate(dets) if dets else np.zeros(0, np.int64)
+
+    def _results(self, iou_type: str, kept: tuple[list[int], np.ndarray, np.ndarray]) -> list[dict]:
+        """The kept detections as COCO results: masks for "segm", boxes otherwise. New dicts on every call, as
+        loadRes adds keys to those it is given; built one iou type at a time to bound ``compute``'s memory."""
+        _, first, dets = kept
+        per_image = self._state("num_dets").numpy()[first]
+        image_ids = np.repeat(self._state("image_ids").numpy()[first], per_image).tolist()
+        categories = np.asarray(self.cat_ids, np.int64)[self._state("labels").numpy()[dets]].tolist()
+        scores = self._state("scores").numpy()[dets].tolist()
+        if iou_type != "segm":
+            boxes = self._state("boxes").view(-1, 4).numpy()[dets].tolist()
+            return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
+                    for i, c, b, s in zip(image_ids, categories, boxes, scores)]
+        sizes = np.repeat(self._state("image_sizes").view(-1, 2).numpy()[first], per_image, axis=0).tolist()
+        ends = np.cumsum(self._state("rle_lengths").numpy())
+        starts, ends = (ends - self._state("rle_lengths").numpy())[dets].tolist(), ends[dets].tolist()
+        rle_bytes = self._state("rle_bytes").numpy().tobytes()
+        # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
+        # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
+        return [{"image_id": i, "category_id": c, "segmentation": {"size": hw, "counts": rle_bytes[b:e].decode()},
+                 "score": s} for i, c, s, hw, b, e in zip(image_ids, categories, scores, sizes, starts, ends)]
+
     def per_image_results(self) -> dict[int, tuple[list[dict], list[dict]]]:
         """The (synchronised) states as COCO results per image id, the first copy of each image only."""
-        image_ids, num_dets = self._state("image_ids").tolist(), self._state("num_dets").tolist()
-        sizes = self._state("image_sizes").view(-1, 2).tolist()
-        boxes, scores = self._state("boxes").view(-1, 4).tolist(), self._state("scores").tolist()
-        labels = self._state("labels").tolist()
-        with_masks = "segm" in self.iou_types
-        rle_lengths, rle_bytes = self._state("rle_lengths").tolist(), self._state("rle_bytes").numpy().tobytes()
-        per_image: dict[int, tuple[list[dict], list[dict]]] = {}
-        det, byte = 0, 0
-        for image_id, n, (h, w) in zip(image_ids, num_dets, sizes):
-            first, det_end = det, det + n
-            rles = []
-            if with_masks:
-                for length in rle_lengths[first:det_end]:
-                    rles.append({"size": [h, w], "counts": rle_bytes[byte:byte + length].decode("ascii")})
-                    byte += length
-            det = det_end
-            if image_id in per_image:
-                continue  # a repeated image (sampler padding): the first copy counts
-            categories = [self.cat_ids[label] for label in labels[first:det_end]]
-            bbox = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-                    for c, b, s in zip(categories, boxes[first:det_end], scores[first:det_end])]
-            # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
-            # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
-            segm = [{"image_id": image_id, "category_id": c, "segmentation": r, "score": s}
-                    for c, r, s in zip(categories, rles, scores[first:det_end])]
-            per_image[image_id] = (bbox, segm)
+        kept = self._kept()
+        bbox = self._results("bbox", kept)
+        segm = self._results("segm", kept) if "segm" in self.iou_types else []
+        per_image, det = {}, 0
+        for image_id, n in zip(kept[0], self._state("num_dets").numpy()[kept[1]].tolist()):
+            per_image[image_id] = (bbox[det:det + n], segm[det:det + n])
+            det += n
         return per_image
 
     # -- compute -----------------------------------------------------------------------------------------
 
     def compute(self) -> dict[str, float]:
         """Metrics over every image seen since the last :meth:`reset` (on all ranks; a collective under DDP)."""
-        per_image = self.per_image_results()  # torchmetrics has synchronised the states across ranks
-        rank, world = _dist_info()
+        rank, world = _dist_info()  # torchmetrics has synchronised the states across ranks
         outcome: tuple[str, Any] = ("ok", None)
         if rank == 0:
             try:
-                outcome = ("ok", self._evaluate(per_image))
+                outcome = ("ok", self._evaluate())
             except Exception as exc:  # re-raised on every rank below
                 outcome = ("error", exc)
         if world > 1:
@@ -296,13 +335,11 @@ class CocoEvaluator(Metric):
             raise outcome[1]
         return outcome[1]
 
-    def _evaluate(self, per_image: dict[int, tuple[list[dict], list[dict]]]) -> dict[str, float]:
-        img_ids = sorted(per_image)
-        # Sorting by image id makes the result order, hence score ties, independent of how ranks split the data.
-        bbox_results = [r for i in img_ids for r in per_image[i][0]]
-        segm_results = [r for i in img_ids for r in per_image[i][1]]
+    def _evaluate(self) -> dict[str, float]:
+        kept = self._kept()
+        img_ids = kept[0]
         if self.outfile_prefix is not None:
-            self._write(bbox_results, segm_results)
+            self._write(kept)
         if self.ann_file is None:
             return {}
         gt = self._ground_truth()
@@ -317,7 +354,7 @@ class CocoEvaluator(Metric):
         missing = sorted(set(img_ids) - set(gt.getImgIds()))
         if missing:
             raise ValueError(f"image ids {missing[:10]} (of {len(missing)}) are not in {self.ann_file}")
-        if not bbox_results:
+        if len(kept[2]) == 0:
             warnings.warn(f"CocoEvaluator: no detections on the {len(img_ids)} evaluated images; returning zeros",
                           stacklevel=3)
             metrics = dict.fromkeys(metric_names(self.iou_types, self.proposal_nums), 0.0)
@@ -333,8 +370,7 @@ class CocoEvaluator(Metric):
         summaries = []
         per_class: dict[str, dict[str, tuple[float, float]]] = {}
         for iou_type in self.iou_types:
-            results = segm_results if iou_type == "segm" else bbox_results
-            stats, text = self._evaluate_one(gt, iou_type, results, img_ids, per_class)
+            stats, text = self._evaluate_one(gt, iou_type, self._results(iou_type, kept), img_ids, per_class)
             metrics.update(zip(metric_names([iou_type], self.proposal_nums), stats))
             summaries.append(text)
         self.summary = "\n".join(summaries)
@@ -368,8 +404,7 @@ class CocoEvaluator(Metric):
             print(*args, **kwargs, file=log)
 
         with contextlib.redirect_stdout(log):
-            # Shallow copies: loadRes adds id/area/iscrowd keys to each dict it is given.
-            dt = gt.loadRes([dict(r) for r in results])
+            dt = gt.loadRes(results)  # adds id/area/iscrowd keys to the dicts: _results made them for it
             kwargs = {"print_function": log_line} if self.backend == "faster_coco_eval" else {}
             coco_eval = eval_cls(gt, dt, "bbox" if iou_type == "proposal" else iou_type, **kwargs)
             coco_eval.params.imgIds = img_ids
@@ -389,16 +424,16 @@ class CocoEvaluator(Metric):
             stats = stats[6:12]  # AR at each budget, then AR small/medium/large at the last one
         return stats, log.getvalue()
 
-    def _write(self, bbox_results: list[dict], segm_results: list[dict]) -> None:
+    def _write(self, kept: tuple[list[int], np.ndarray, np.ndarray]) -> None:
         directory = os.path.dirname(self.outfile_prefix)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        files = [(f"{self.outfile_prefix}.bbox.json", bbox_results)]
+        files = [(f"{self.outfile_prefix}.bbox.json", "bbox")]
         if "segm" in self.iou_types:
-            files.append((f"{self.outfile_prefix}.segm.json", segm_results))
-        for path, results in files:
+            files.append((f"{self.outfile_prefix}.segm.json", "segm"))
+        for path, iou_type in files:
             with open(path, "w") as f:
-                json.dump(results, f)
+                json.dump(self._results(iou_type, kept), f)
         self.written_files = [path for path, _ in files]
 
 
