@@ -187,3 +187,14 @@ def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
                           [20.0, 20.0, 36.0, 36.0],  # centre (28, 28): kept on the coarse level
                           [0.0, 0.0, 4.0, 4.0]])     # centre (2, 2): kept nowhere
     assert centre_kept([fine, coarse], (4, 8), boxes, 0).tolist() == [True, True, False]
+
+
+@pytest.mark.slow
+def test_export_speed_times_onnxruntime_and_eager_in_one_table():
+    out = run("export_speed.py", "--config", "configs/tiny/htc_tiny_synthetic.yaml", "--height", "96", "--width", "128",
+              "--num-classes", "4", "--runs", "1", "--warmup", "0", "--threads", "1", "--formats", "onnx",
+              timeout=900)
+    rows = {r[0]: r for r in (table_rows(out, "eager (ours)") + table_rows(out, "onnxruntime CPU"))}
+    assert set(rows) == {"eager (ours)", "onnxruntime CPU"}
+    assert all(float(r[1]) > 0 for r in rows.values())
+    assert rows["eager (ours)"][3] == rows["onnxruntime CPU"][3] == "100"  # both keep max_per_img: the same work
