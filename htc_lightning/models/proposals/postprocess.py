@@ -38,13 +38,18 @@ def _traced_top_scores(scores: Tensor, k: int, ties: TieRule) -> tuple[Tensor, T
     follows the image's, or a location filter's count): both cases are computed and the one that applies is
     selected, so a level with at most ``k`` keeps its scores in place, as in eager mode."""
     n = scores.shape[-1]
+    # min(k, n) as a size the graph reads when it runs: a slice [:k] (or a symbolic min) guards on k < n, which
+    # ties the graph to the traced image size
+    kept = torch.full((), n, device=scores.device).clamp(max=k).item()
+    torch._check(kept >= 0)
+    torch._check(kept <= n)
     if ties == "sort":
-        order = scores.sort(dim=-1, descending=True).indices[..., :k]
+        order = scores.sort(dim=-1, descending=True).indices.narrow(-1, 0, kept)
     elif ties == "topk":
-        order = scores.topk(torch.sym_min(k, n), dim=-1).indices
+        order = scores.topk(kept, dim=-1).indices
     else:
         raise ValueError(f"top_scores: ties {ties!r} is not 'sort' (mmdet's RPNHead) or 'topk' (GuidedAnchorHead)")
-    in_place = torch.arange(n, device=scores.device)[:k].expand_as(order)
+    in_place = torch.arange(kept, device=scores.device).expand_as(order)
     cut = torch.full((), n, device=scores.device) > k
     order = torch.where(cut, order, in_place)
     return torch.gather(scores, -1, order), order
