@@ -104,6 +104,8 @@ def main() -> int:
         results[name] = rows
         print(f"{name}: {sum(r['ok'] for r in rows)}/{len(rows)} dumps pass, {seconds:.0f} s "
               f"({' '.join(f'{k}={v}' for k, v in SETTINGS[name].items()) or 'no variables'})", flush=True)
+        for r in rows:  # as it comes, for a long sweep run in the background
+            print(f"  {r['stem']:28s} {'ok  ' if r['ok'] else 'FAIL'} {r['worst']:.1e} / {r['near_ties']}", flush=True)
     kinds = [("inference", "tiny_"), ("losses", "loss_")]
     families = sorted({r["family"] for rows in results.values() for r in rows if r["family"] != "(worker)"})
     print("\nworst normalised difference / near-ties accepted, over each family's dumps\n")
