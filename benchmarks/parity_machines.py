@@ -109,9 +109,11 @@ def main() -> int:
     kinds = [("inference", "tiny_"), ("losses", "loss_")]
     families = sorted({r["family"] for rows in results.values() for r in rows if r["family"] != "(worker)"})
     print("\nworst normalised difference / near-ties accepted, over each family's dumps\n")
-    header = ["setting"] + [f"{f} {k}" for f in families for k, _ in kinds]
+    columns = [(f, k, prefix) for f in families for k, prefix in kinds
+               if any(r["family"] == f and r["stem"].startswith(prefix) for rows in results.values() for r in rows)]
+    header = ["setting"] + [f"{f} {k}" for f, k, _ in columns]
     table = [[name] + [cell([r for r in rows if r["family"] == f and r["stem"].startswith(prefix)])
-                       for f in families for _, prefix in kinds] for name, rows in results.items()]
+                       for f, _, prefix in columns] for name, rows in results.items()]
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))

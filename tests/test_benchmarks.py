@@ -187,3 +187,14 @@ def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
                           [20.0, 20.0, 36.0, 36.0],  # centre (28, 28): kept on the coarse level
                           [0.0, 0.0, 4.0, 4.0]])     # centre (2, 2): kept nowhere
     assert centre_kept([fine, coarse], (4, 8), boxes, 0).tolist() == [True, True, False]
+
+
+@pytest.mark.reference
+def test_parity_machines_prints_a_cell_per_setting_and_family():
+    out = run("parity_machines.py", "--settings", "default", "scalar-1t", "--dumps", "loss_ga_rpn_s1", timeout=600)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("default ", "scalar-1t "))}
+    # one cell, "worst / near-ties", for the GA-RPN losses under each setting
+    assert set(rows) == {"default", "scalar-1t"}
+    for cells in rows.values():
+        assert re.fullmatch(r"[0-9.]+e[-+][0-9]+", cells[0]) and cells[1] == "/" and cells[2].isdigit(), out
