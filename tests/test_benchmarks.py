@@ -189,12 +189,12 @@ def test_centre_kept_reads_the_location_under_each_box_centre_on_every_level():
     assert centre_kept([fine, coarse], (4, 8), boxes, 0).tolist() == [True, True, False]
 
 
-@pytest.mark.reference
-def test_parity_machines_prints_a_cell_per_setting_and_family():
-    out = run("parity_machines.py", "--settings", "default", "scalar-1t", "--dumps", "loss_ga_rpn_s1", timeout=600)
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
-            if line.startswith(("default ", "scalar-1t "))}
-    # one cell, "worst / near-ties", for the GA-RPN losses under each setting
-    assert set(rows) == {"default", "scalar-1t"}
-    for cells in rows.values():
-        assert re.fullmatch(r"[0-9.]+e[-+][0-9]+", cells[0]) and cells[1] == "/" and cells[2].isdigit(), out
+def test_parity_machines_prints_a_row_per_setting_and_a_cell_per_family():
+    # one setting and the smallest dump keep it cheap (not marked reference: make test would run it thrice; the
+    # parity it prints is what the reference tests check)
+    out = run("parity_machines.py", "--settings", "scalar-1t", "--dumps", "loss_ga_rpn_s1", timeout=600)
+    header = next(line.split() for line in out.splitlines() if line.startswith("setting "))
+    row = next(line.split() for line in out.splitlines() if line.startswith("scalar-1t "))
+    assert header == ["setting", "ga_rpn", "losses"], out
+    # the cell: worst normalised difference / near-ties accepted
+    assert re.fullmatch(r"[0-9.]+e[-+][0-9]+", row[1]) and row[2] == "/" and row[3].isdigit(), out
