@@ -228,7 +228,8 @@ def compare_detections(dets, ref: dict, rep: Report, roi_head=None, prefix: str 
 
 def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") -> None:
     """Scalar losses, each within ``LOSS_RTOL`` of mmdet's: a sum over thousands of terms rounds differently
-    per machine by ~1e-6 relative; 1e-4 also absorbs an IoU assignment flipped at its threshold."""
+    per machine by ~1e-6 relative; 1e-4 also absorbs an IoU assignment flipped at its threshold. The RoI head
+    runs on the dump's ``proposals`` (mmdet's), which are compared with ours as sets, near-ties counted."""
     parts = (("rpn_head", det.rpn_head), ("roi_head", det.roi_head))
     budgets = {f"{part}.{name}": sampler.num for part, module in parts
                for name in ("sampler", "ga_sampler") if (sampler := getattr(module, name, None)) is not None}
