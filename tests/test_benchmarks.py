@@ -225,3 +225,14 @@ def test_export_speed_times_onnxruntime_and_eager_in_one_table():
     assert set(rows) == {"eager (ours)", "onnxruntime CPU"}
     assert all(float(r[1]) > 0 for r in rows.values())
     assert rows["eager (ours)"][3] == rows["onnxruntime CPU"][3] == "100"  # both keep max_per_img: the same work
+
+
+def test_parity_machines_prints_a_row_per_setting_and_a_cell_per_family():
+    # one setting and the smallest dump keep it cheap (not marked reference: make test would run it thrice; the
+    # parity it prints is what the reference tests check)
+    out = run("parity_machines.py", "--settings", "scalar-1t", "--dumps", "loss_ga_rpn_s1", timeout=600)
+    header = next(line.split() for line in out.splitlines() if line.startswith("setting "))
+    row = next(line.split() for line in out.splitlines() if line.startswith("scalar-1t "))
+    assert header == ["setting", "ga_rpn", "losses"], out
+    # the cell: worst normalised difference / near-ties accepted
+    assert re.fullmatch(r"[0-9.]+e[-+][0-9]+", row[1]) and row[2] == "/" and row[3].isdigit(), out

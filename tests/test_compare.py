@@ -100,6 +100,29 @@ def test_a_box_spared_because_its_suppressor_flipped_is_explained_by_the_cascade
     assert cmp.ok and cmp.near_ties == 2
 
 
+def test_which_of_two_equally_scored_overlapping_boxes_nms_keeps_is_a_near_tie():
+    # identical anchors on a flat background score exactly alike; NMS keeps whichever ranks first, and another
+    # machine's rounding ranks them the other way (issue 24: an RPN proposal 8 px off)
+    a, b = box(0, 0, 32, 32), box(0, 4, 32, 32)  # IoU 0.78, above the threshold: one suppresses the other
+    cmp = compare_kept_sets(torch.tensor([a]), torch.tensor([0.4959]), torch.tensor([b]), torch.tensor([0.4959]),
+                            nms_iou=0.7)
+    assert cmp.ok and cmp.near_ties == 2 and cmp.matched == 0
+
+
+def test_an_overlapping_box_kept_instead_of_a_clearly_higher_one_is_unexplained():
+    a, b = box(0, 0, 32, 32), box(0, 4, 32, 32)
+    cmp = compare_kept_sets(torch.tensor([a]), torch.tensor([0.9]), torch.tensor([b]), torch.tensor([0.5]),
+                            nms_iou=0.7)
+    assert not cmp.ok and cmp.unexplained == 2
+
+
+def test_equal_scores_do_not_explain_a_box_that_overlaps_below_the_threshold():
+    a, c = box(0, 0, 32, 32), box(0, 12, 32, 32)  # IoU 0.45: both survive NMS whatever their order
+    cmp = compare_kept_sets(torch.tensor([a, c]), torch.tensor([0.5, 0.5]), torch.tensor([a]), torch.tensor([0.5]),
+                            nms_iou=0.7)
+    assert not cmp.ok and cmp.unexplained == 1
+
+
 def test_a_box_at_the_top_k_cut_is_a_near_tie_and_one_above_it_is_not():
     boxes = torch.tensor([box(0, 0, 10, 10), box(20, 0, 10, 10), box(40, 0, 10, 10)])
     ref_scores = torch.tensor([0.9, 0.5, 0.5])  # two tied for the second place; the cut keeps 2

@@ -5,40 +5,25 @@ from pathlib import Path
 
 import pytest
 
-from htc_lightning.tools.mmdet_parity import main
+from htc_lightning.tools.mmdet_parity import FAMILY_CONFIG, family_of, main
 
 pytestmark = pytest.mark.reference
 ROOT = Path(__file__).resolve().parents[1]
 DUMPS = ROOT / "tests" / "fixtures" / "oracle"
 CONFIGS = ROOT / "configs" / "parity"
 
-FAMILY_CONFIG = {
-    "cascade": "cascade_mask_rcnn_tiny.yaml",
-    "htc": "htc_tiny.yaml",
-    "htc_nosem": "htc_without_semantic_tiny.yaml",
-    "ga_rpn": "ga_rpn_tiny.yaml",
-    "htc_ga": "htc_ga_rpn_tiny.yaml",
-    "mask_rcnn": "mask_rcnn_tiny.yaml",
-}
-
-
-def _family(stem: str) -> str:
-    name = stem.split("_", 1)[1]  # drop tiny_/loss_
-    return max((f for f in FAMILY_CONFIG if name == f or name.startswith(f + "_")), key=len)
-
-
 INFERENCE = sorted(p.stem for p in DUMPS.glob("tiny_*.pt"))
 LOSSES = sorted(p.stem for p in DUMPS.glob("loss_*.pt"))
 
 
 def test_every_family_has_inference_and_loss_dumps():
-    assert {_family(s) for s in INFERENCE} == set(FAMILY_CONFIG)
-    assert {_family(s) for s in LOSSES} == set(FAMILY_CONFIG)
+    assert {family_of(s) for s in INFERENCE} == set(FAMILY_CONFIG)
+    assert {family_of(s) for s in LOSSES} == set(FAMILY_CONFIG)
 
 
 @pytest.mark.parametrize("stem", INFERENCE)
 def test_inference_matches_mmdet_stage_by_stage(stem, device, capsys):
-    code = main(["--dump", str(DUMPS / f"{stem}.pt"), "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)]),
+    code = main(["--dump", str(DUMPS / f"{stem}.pt"), "--config", str(CONFIGS / FAMILY_CONFIG[family_of(stem)]),
                  "--device", device])
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("parity: PASS"), out
@@ -49,10 +34,13 @@ def test_inference_matches_mmdet_stage_by_stage(stem, device, capsys):
 @pytest.mark.parametrize("stem", LOSSES)
 def test_training_losses_match_mmdet_term_by_term(stem, device, capsys):
     code = main(["--losses", "--dump", str(DUMPS / f"{stem}.pt"),
-                 "--config", str(CONFIGS / FAMILY_CONFIG[_family(stem)]), "--device", device])
+                 "--config", str(CONFIGS / FAMILY_CONFIG[family_of(stem)]), "--device", device])
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("parity: PASS"), out
     assert out.count("ok   loss ") >= 2
+    # the RoI head took mmdet's own proposals, compared with ours on their own, tie-aware
+    assert ("ok   training proposals image 0" in out) == (family_of(stem) != "ga_rpn"), out
+    assert "near-ties accepted" in out
 
 
 def test_a_wrong_weight_is_caught(tmp_path, capsys):
@@ -84,3 +72,16 @@ def test_a_shifted_score_threshold_is_caught(capsys):
                  "--set", "roi_head.init_args.score_thr=0.25"])  # about half the reference's scores are lower
     out = capsys.readouterr().out
     assert code == 1 and "FAIL detections" in out and out.rstrip().endswith("parity: FAIL")
+
+
+def test_the_roi_head_losses_are_on_the_dumps_proposals(tmp_path, capsys):
+    import torch
+
+    dump = torch.load(DUMPS / "loss_htc_s1.pt", weights_only=False)
+    dump["proposals"] = [p[1:] for p in dump["proposals"]]  # mmdet's best proposal gone: one sample fewer
+    path = tmp_path / "one_proposal_fewer.pt"
+    torch.save(dump, path)
+    code = main(["--losses", "--dump", str(path), "--config", str(CONFIGS / "htc_tiny.yaml")])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL training proposals image 0" in out, out
+    assert "FAIL loss s0.loss_bbox" in out and "ok   loss loss_rpn_cls" in out, out

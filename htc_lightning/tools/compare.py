@@ -178,6 +178,10 @@ def compare_kept_sets(ref_boxes: Tensor, ref_scores: Tensor, ours_boxes: Tensor,
       that side's lowest kept score (a top-k cut);
     - a higher-scoring box of the same label (on either side) overlaps it with IoU within ``iou_tol`` of
       ``nms_iou`` (an NMS decision at its boundary);
+    - a box of the same label whose score is within ``score_tol`` of its own overlaps it above
+      ``nms_iou - iou_tol`` (an NMS order at its boundary: whichever of the two ranks first suppresses the
+      other, and rounding ranks scores that close either way; identical anchors on a flat background score
+      exactly alike);
     - or it overlaps, above ``nms_iou - iou_tol``, a higher-scoring unmatched box already explained (the
       other side kept or dropped that box, which then suppressed or spared this one).
     """
@@ -210,8 +214,11 @@ def compare_kept_sets(ref_boxes: Tensor, ref_scores: Tensor, ours_boxes: Tensor,
         higher = (scores > s) & same_label[i]
         near_cut = any(abs(s - c) <= score_tol for c in cuts)
         near_nms = nms_iou is not None and bool(((iou[i] - nms_iou).abs() <= iou_tol)[higher].any())
+        tied = ((scores - s).abs() <= score_tol) & same_label[i]
+        tied[i] = False
+        near_order = nms_iou is not None and bool((iou[i] > nms_iou - iou_tol)[tied].any())
         cascade = nms_iou is not None and bool((iou[i] > nms_iou - iou_tol)[higher & explained].any())
-        explained[i] = near_cut or near_nms or cascade
+        explained[i] = near_cut or near_nms or near_order or cascade
     unmatched = ~matched
     return SetComparison(len(pairs), n_ref, n_ours, int((unmatched & explained).sum()),
                          int((unmatched & ~explained).sum()), pairs)

@@ -43,6 +43,27 @@ LOSS_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+# the oracle's dump name (``tiny_<family>[_<image>]_s<seed>``, ``loss_<family>_s<seed>[_n<objects>]``) -> our
+# config of that family in configs/parity/
+FAMILY_CONFIG = {
+    "cascade": "cascade_mask_rcnn_tiny.yaml",
+    "htc": "htc_tiny.yaml",
+    "htc_nosem": "htc_without_semantic_tiny.yaml",
+    "ga_rpn": "ga_rpn_tiny.yaml",
+    "htc_ga": "htc_ga_rpn_tiny.yaml",
+    "mask_rcnn": "mask_rcnn_tiny.yaml",
+}
+
+
+def family_of(stem: str) -> str:
+    """The family of an oracle dump's file stem: the longest family name its name (less tiny_/loss_) starts with."""
+    name = stem.split("_", 1)[1]
+    found = [f for f in FAMILY_CONFIG if name == f or name.startswith(f + "_")]
+    if not found:
+        raise ValueError(f"dump {stem!r}: no family of {sorted(FAMILY_CONFIG)} in its name")
+    return max(found, key=len)
+
+
 @dataclass
 class Report:
     lines: list[str] = field(default_factory=list)
@@ -207,7 +228,8 @@ def compare_detections(dets, ref: dict, rep: Report, roi_head=None, prefix: str 
 
 def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") -> None:
     """Scalar losses, each within ``LOSS_RTOL`` of mmdet's: a sum over thousands of terms rounds differently
-    per machine by ~1e-6 relative; 1e-4 also absorbs an IoU assignment flipped at its threshold."""
+    per machine by ~1e-6 relative; 1e-4 also absorbs an IoU assignment flipped at its threshold. The RoI head
+    runs on the dump's ``proposals`` (mmdet's), which are compared with ours as sets, near-ties counted."""
     parts = (("rpn_head", det.rpn_head), ("roi_head", det.roi_head))
     budgets = {f"{part}.{name}": sampler.num for part, module in parts
                for name in ("sampler", "ga_sampler") if (sampler := getattr(module, name, None)) is not None}
@@ -227,7 +249,23 @@ def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") 
     if det.with_semantic:
         target["semantic"] = t["semantic"].long()
     torch.manual_seed(int(dump.get("seed", 0)))
-    losses = det.loss(inputs, [target])
+    # Detector.loss step by step, so that the RoI head takes the reference's proposals: a proposal that NMS or
+    # a top-k cut kept on one side only (a decision within rounding of its boundary) would change every stage's
+    # sample count and so its normalisers. The proposal sets are compared on their own, tie-aware.
+    img_sizes = [(h, w)]
+    feats = det.extract_feats(inputs)
+    raw = det.rpn_head(feats)
+    losses = dict(det.rpn_head.loss(raw, [target], img_sizes))
+    if det.roi_head is not None:
+        with torch.no_grad():
+            props = det.rpn_head.proposals(raw, img_sizes)
+        if "proposals" in dump:
+            compare_proposals(rep, det.rpn_head, props, [p.float() for p in dump["proposals"]], prefix="training ")
+            props = [p.float().to(device) for p in dump["proposals"]]
+        else:
+            rep.check("training proposals", True, "not in this dump (tests/fixtures/oracle/add_loss_proposals.py "
+                      "adds them): the RoI-head losses are on ours, a near-tie upstream may move them")
+        losses.update(det.roi_head.loss(feats, props, [target]))
     ref = dump["losses"]
     used: set[str] = set()
     for name, value in sorted(losses.items()):
