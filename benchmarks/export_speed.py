@@ -69,7 +69,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    overrides = [f"roi_head.init_args.num_classes={args.num_classes}"]
+    overrides = [f"num_classes={args.num_classes}"]
     if "tiny" not in args.config:
         overrides.append("backbone.init_args.pretrained=false")
     detector = build_detector(args.config, overrides).eval()

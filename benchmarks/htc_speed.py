@@ -77,7 +77,7 @@ def ours_model_and_batch(opts: dict):
     device = opts["device"]
     # no data module here to link the class count from
     det = build_detector(opts["config"], ["backbone.init_args.pretrained=false",
-                                          "roi_head.init_args.num_classes=80"]).to(device)
+                                          "num_classes=80"]).to(device)
     images, targets = synthetic_batch(opts["batch"], opts["height"], opts["width"], opts["objects"])
     images = images.to(device)
     targets = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]

@@ -68,7 +68,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    det = build_detector(args.config, ["backbone.init_args.pretrained=false", "roi_head.init_args.num_classes=80"])
+    det = build_detector(args.config, ["backbone.init_args.pretrained=false", "num_classes=80"])
     images, targets = synthetic_batch(args.batch, args.height, args.width, args.objects)
     step = make_step(det, images, targets, args.mode)
     for _ in range(args.warmup):

@@ -107,7 +107,8 @@ def evaluate(detector: torch.nn.Module, dm: CocoDataModule) -> tuple[dict[str, f
         counts += [len(d) for d in dets]
         evaluator.update(dets, metas)
         if hasattr(head, "loc_filter_thr"):
-            kept_maps = [head.location_mask(loc) for loc in head(detector.extract_feats(images))[3]]
+            kept_maps = [head.location_mask(loc, location_filter=True)
+                         for loc in head(detector.extract_feats(images))[3]]
             for i, t in enumerate(targets):
                 locations.append(sum(int(m[i].sum()) for m in kept_maps))
                 boxes = t["boxes"]

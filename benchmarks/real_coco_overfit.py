@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                             val_batch_size=args.batch_size, num_workers=0, seed=args.seed)
         dm.setup("fit")
         torch.manual_seed(args.seed)
-        detector = build_detector(str(CONFIG), [f"roi_head.init_args.num_classes={dm.num_classes}",
+        detector = build_detector(str(CONFIG), [f"num_classes={dm.num_classes}",
                                                 *args.override])
         n_gt = sum(len(a) for _, a in dm.train_dataset.records)
         print(f"{len(dm.train_dataset)} images ({n_gt} annotations) from {args.coco / args.ann}, {dm.num_classes} "

@@ -59,23 +59,6 @@ def uses_distributed_sampler(trainer: Any) -> bool:
         raise changed("Trainer._accelerator_connector.use_distributed_sampler", "pytorch-lightning") from None
 
 
-def drop_instantiation_link(parser: Any, target: str) -> None:
-    """Remove the ``link_arguments`` link whose target is ``target`` from ``parser``.
-
-    Relies on ``parser._links_group._group_actions``, the list jsonargparse reads its links from (each an
-    ``ActionLink`` whose ``target[0]`` is the target key); jsonargparse has no public way to remove a link. A
-    link into an optional part that a config sets to None (``roi_head: null`` for GA-RPN alone) cannot apply:
-    jsonargparse skips setting it but still reports it as applied, and LightningCLI's model instantiator then
-    writes the value into the hparams through the None (``_set_dict_nested``: TypeError). So the CLI drops the
-    link for such a config. Checked: jsonargparse 4.53.0 with pytorch-lightning 2.6.6.
-    """
-    try:
-        actions = parser._links_group._group_actions
-    except AttributeError:
-        raise changed("ArgumentParser._links_group._group_actions", "jsonargparse") from None
-    actions[:] = [a for a in actions if getattr(a, "target", (None,))[0] != target]
-
-
 def apply_ckpt_hparams_with_own_method(cli_class: CLI) -> CLI:
     """Class decorator: ``--ckpt_path``'s hyper-parameters are applied by ``cli_class.apply_ckpt_hparams()``.
 

@@ -1,7 +1,7 @@
 """``htc-lightning`` command line: ``fit``, ``validate``, ``test``, ``predict`` from YAML configs.
 
 Every part is chosen by ``class_path`` (detector, backbone, heads, datamodule). The datamodule's
-``num_classes`` is linked into the RoI head, so a config names the dataset once::
+``num_classes`` is linked into the detector, which hands it to its parts, so a config names the dataset once::
 
     htc-lightning fit --config configs/htc/htc_r50_fpn_1x_coco.yaml
     htc-lightning fit --config ... --ckpt_path last          # resume (also after SIGTERM)
@@ -22,7 +22,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ._lightning_compat import apply_ckpt_hparams_with_own_method, drop_instantiation_link
+from ._lightning_compat import apply_ckpt_hparams_with_own_method
 from .callbacks import (
     AtomicCheckpointIO,
     CocoPredictionWriter,
@@ -32,10 +32,11 @@ from .callbacks import (
     SigtermCheckpoint,
 )
 from .callbacks.faults import SIGTERM_EXIT_CODE
+from .checkpoints.upgrade import detector_config
 from .models.backbones.timm_backbone import PretrainedWeightsError
 from .module import DetectionModule
 
-ROI_HEAD_NUM_CLASSES = "model.init_args.detector.init_args.roi_head.init_args.num_classes"
+DETECTOR_NUM_CLASSES = "model.init_args.detector.init_args.num_classes"
 
 
 def _num_classes(datamodule: Any) -> int:
@@ -48,7 +49,7 @@ class HTCLightningCLI(LightningCLI):
 
     - model: any ``DetectionModule`` subclass by ``class_path`` (default ``DetectionModule``); data: any
       ``LightningDataModule`` by ``class_path`` (``htc_lightning.data.datamodule.CocoDataModule`` for COCO).
-    - ``data.num_classes`` -> ``model...roi_head.init_args.num_classes`` at instantiation.
+    - ``data.num_classes`` -> ``model...detector.init_args.num_classes`` at instantiation.
     - Callbacks always present and configurable under their own keys: ``checkpoint``
       (``last.ckpt`` + best by ``val/segm_mAP``), ``lr_monitor``, ``sigterm`` (checkpoint on SIGTERM),
       ``resume`` (mid-epoch sampler position and RNGs), ``prediction_writer`` (COCO json of ``predict``).
@@ -64,7 +65,6 @@ class HTCLightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        self._num_classes_linked: list[Any] = []  # the parsers holding the num_classes link (one per subcommand)
         super().__init__(model_class, datamodule_class or pl.LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -82,8 +82,7 @@ class HTCLightningCLI(LightningCLI):
         parser.add_lightning_class_args(CocoPredictionWriter, "prediction_writer")
         # CocoDataModule's GroupedBatchSampler shards by rank itself and must not be replaced by Lightning.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
-        parser.link_arguments("data", ROI_HEAD_NUM_CLASSES, compute_fn=_num_classes, apply_on="instantiate")
-        self._num_classes_linked.append(parser)
+        parser.link_arguments("data", DETECTOR_NUM_CLASSES, compute_fn=_num_classes, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         if args is None or isinstance(args, (list, tuple)):
@@ -108,19 +107,6 @@ class HTCLightningCLI(LightningCLI):
                 raise
             raise error from None
 
-    def before_instantiate_classes(self) -> None:
-        # A proposal-only detector (GA-RPN alone) has roi_head=None: nothing to link, and the link would fail
-        # instead of being skipped (see drop_instantiation_link).
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        try:
-            roi_head = config["model.init_args.detector.init_args"].get("roi_head", "absent")
-        except (KeyError, TypeError, AttributeError):
-            return
-        if roi_head is not None:
-            return
-        for parser in self._num_classes_linked:  # only the running subcommand's parser matters; drop it from all
-            drop_instantiation_link(parser, ROI_HEAD_NUM_CLASSES)
-
     def apply_ckpt_hparams(self) -> None:
         """``test/predict --ckpt_path FILE``: take only the architecture (the detector) and the categories from the
         checkpoint. Lightning's default applies all of them over the config, which would silently undo
@@ -137,11 +123,12 @@ class HTCLightningCLI(LightningCLI):
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
         hparams = checkpoint.get("hyper_parameters", {})
         update: dict[str, Any] = {}
-        if "detector" in hparams and self.config.subcommand != "fit":
+        detector = detector_config(hparams)
+        if detector is not None and self.config.subcommand != "fit":
             # the whole model entry as parsed, with the checkpoint's detector: parsing a partial entry would reset
             # the other init_args to their defaults
             model = self.config[self.config.subcommand]["model"].as_dict()
-            model.setdefault("init_args", {})["detector"] = hparams["detector"]
+            model.setdefault("init_args", {})["detector"] = detector
             update["model"] = model
         data = self.config[self.config.subcommand].get("data")
         if checkpoint.get("categories") and data is not None:

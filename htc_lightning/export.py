@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoints.upgrade import detector_config
 from .models.layers.masks import paste_masks
 from .models.layers.nms import multiclass_nms
 from .models.layers.tracing import nms_keeps_zero_to_all
@@ -44,7 +45,7 @@ class InferenceGraph(nn.Module):
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         head = detector.roi_head
-        if head is None or not getattr(head, "with_mask", False):
+        if head is None or not head.with_mask:
             raise ValueError("export: the detector needs a RoI head with a mask head (HTC, Cascade Mask R-CNN); "
                              f"got roi_head={type(head).__name__}")
         if head.nms_type != "nms":
@@ -55,7 +56,7 @@ class InferenceGraph(nn.Module):
     def forward(self, image: Tensor, img_size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         det, head = self.detector, self.detector.roi_head
         feats = det.extract_feats(image)
-        proposals = det.rpn_head.proposals(det.rpn_head(feats), [img_size])
+        proposals = det.rpn_head.proposals(det.rpn_head(feats), [img_size], det.rpn_head.test_settings)
         sem = head.semantic(feats)
         semantic_feat = None if sem is None else sem[1]
         scores, boxes = head.refine_and_score(feats, boxes_to_rois([proposals[0][:, :4]]), img_size, semantic_feat)
@@ -245,20 +246,18 @@ def detector_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"export: checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    spec = (ckpt.get("hyper_parameters") or {}).get("detector")
-    if not isinstance(spec, dict) or "class_path" not in spec:
+    spec = detector_config(ckpt.get("hyper_parameters") or {})
+    if spec is None:
         raise ValueError(f"export: {path} holds no detector config (hyper_parameters['detector'] with a class_path); "
                          "export reads checkpoints written by `htc-lightning fit`")
     state = {k[len("detector."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("detector.")}
-    spec = json.loads(json.dumps(spec))  # a copy to adjust
     init = spec.setdefault("init_args", {})
     backbone = init.get("backbone") or {}
     if "pretrained" in (backbone.get("init_args") or {}):
         backbone["init_args"]["pretrained"] = False  # the checkpoint has the weights: fetch nothing
-    roi_head = init.get("roi_head") or {}
     cls_weight = state.get("roi_head.bbox_head.0.fc_cls.weight")
-    if roi_head and cls_weight is not None:
-        roi_head.setdefault("init_args", {})["num_classes"] = int(cls_weight.shape[0]) - 1
+    if cls_weight is not None:
+        init["num_classes"] = int(cls_weight.shape[0]) - 1
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Detector, "detector")
     detector = parser.instantiate_classes(parser.parse_object({"detector": spec})).detector

@@ -20,11 +20,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._lightning_compat import built_by_lightning_cli
 from .checkpoints.resume_check import apply_configured_optimiser, check_resume
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .models.detector import Detector
 from .nonfinite import (
     RECOVERY,
     NonFiniteLossError,
@@ -48,8 +49,8 @@ class DetectionModule(pl.LightningModule):
     proposal generator alone).
 
     Args:
-        detector: any ``nn.Module`` with ``loss(images, targets) -> dict[str, Tensor]`` and
-            ``predict(images, metas) -> list[Detections]`` (chosen by ``class_path`` in YAML).
+        detector: the :class:`Detector` (or a subclass, chosen by ``class_path`` in YAML); its parts are swapped
+            inside it.
         lr: learning rate at ``base_batch_size`` images per optimiser step (mmdet: 0.02 at 16).
         base_batch_size: the lr is scaled linearly to the real global batch
             (``batch_size x world_size x accumulate_grad_batches``), the linear scaling rule mmdet applies.
@@ -98,7 +99,7 @@ class DetectionModule(pl.LightningModule):
             (``0.0``: no decay on them); ``None`` leaves them as any other parameter.
     """
 
-    def __init__(self, detector: nn.Module, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
+    def __init__(self, detector: Detector, lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9,
                  weight_decay: float = 1e-4, warmup_iters: int = 500, warmup_ratio: float = 0.001,
                  max_epochs_schedule: Sequence[int] = (8, 11), gamma: float = 0.1,
                  iou_types: Sequence[str] | None = None,
@@ -319,7 +320,7 @@ class DetectionModule(pl.LightningModule):
             self.load_pretrained(stage)
         # HTC's semantic branch learns from COCO-Stuff maps; without them its loss has no target.
         dm = getattr(self.attached_trainer(), "datamodule", None)
-        if (stage == "fit" and getattr(self.detector, "with_semantic", False) and dm is not None
+        if (stage == "fit" and self.detector.with_semantic and dm is not None
                 and getattr(dm, "has_semantic", True) is False):
             raise ValueError(
                 "this detector has HTC's semantic branch, which trains on COCO-Stuff label maps, but the data module "
@@ -378,9 +379,9 @@ class DetectionModule(pl.LightningModule):
     def default_iou_types(self) -> tuple[str, ...]:
         if self.iou_types is not None:
             return self.iou_types
-        if hasattr(self.detector, "roi_head") and self.detector.roi_head is None:
+        if self.detector.roi_head is None:
             return ("proposal",)
-        return ("bbox", "segm") if getattr(self.detector, "with_mask", True) else ("bbox",)
+        return ("bbox", "segm") if self.detector.with_mask else ("bbox",)
 
     def build_evaluator(self, stage: Literal["val", "test"]):
         """A CocoEvaluator for ``stage`` from the datamodule's annotation file, or None (no metrics)."""

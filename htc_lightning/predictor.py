@@ -30,6 +30,7 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
+from .checkpoints.upgrade import detector_config
 from .data.coco import IMAGE_SUFFIXES, load_rgb
 from .data.datamodule import CocoDataModule
 from .module import DetectionModule
@@ -53,8 +54,6 @@ COCO_CATEGORIES = [{"id": i, "name": n} for i, n in [
     (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"), (77, "cell phone"),
     (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"),
     (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush")]]
-
-ROI_HEAD_KEYS = ("detector", "init_args", "roi_head", "init_args")
 
 
 @dataclass
@@ -112,7 +111,9 @@ class Predictor:
         ours = isinstance(saved, dict) and "detector" in saved.get("hyper_parameters", {})
         if ours:
             self.categories = _categories(categories or saved.get("categories"), path)
-            self.module = DetectionModule.load_from_checkpoint(path, map_location="cpu")
+            # the detector as saved, in today's arguments (checkpoints/upgrade.py)
+            self.module = DetectionModule.load_from_checkpoint(
+                path, map_location="cpu", detector=detector_config(saved["hyper_parameters"]))
             datamodule = _datamodule(saved.get("datamodule_hyper_parameters") or {}, self.categories)
         elif config is None:
             raise ValueError(f"{path} holds no detector description (not a checkpoint of htc-lightning's CLI, e.g. "
@@ -129,8 +130,8 @@ class Predictor:
         self.datamodule = datamodule
         self.transform, self.collate = datamodule.eval_pipeline()
         self.class_names = [c["name"] for c in self.categories]
-        num_classes = getattr(getattr(self.module.detector, "roi_head", None), "num_classes", None)
-        if num_classes is not None and num_classes != len(self.categories):
+        num_classes = self.module.detector.num_classes
+        if self.module.detector.roi_head is not None and num_classes != len(self.categories):
             raise ValueError(f"the detector of {path} has {num_classes} classes but {len(self.categories)} "
                              "categories were given: pass the label table it was trained with (categories=...)")
 
@@ -306,12 +307,9 @@ def build_from_config(config: str | Path, categories: list[dict] = COCO_CATEGORI
         raise ValueError(f"{config} has no 'model: {{class_path: ..., init_args: ...}}' section")
     init = dict(model.get("init_args") or {})
     init["load_from"] = None  # the weights are the checkpoint's
-    node = init
-    for key in ROI_HEAD_KEYS[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
-    if isinstance(node, dict):  # a proposal-only detector has roi_head: null
-        node.setdefault("init_args", {})["num_classes"] = len(categories)
-    backbone = (init.get("detector") or {}).get("init_args", {}).get("backbone") or {}
+    detector = init.get("detector") or {}
+    detector.setdefault("init_args", {})["num_classes"] = len(categories)
+    backbone = detector["init_args"].get("backbone") or {}
     if "pretrained" in (backbone.get("init_args") or {}):
         backbone["init_args"]["pretrained"] = False  # the weights come from elsewhere: no download
     module = instantiate_module(DetectionModule, {"_class_path": model["class_path"], **init})

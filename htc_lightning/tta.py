@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .data.transforms import rescale_size
-from .models.detector import proposals_to_detections
+from .models.detector import Detector, proposals_to_detections
+from .models.interfaces import AugmentableRoIHead, check_part
 from .models.roi_heads.cascade import boxes_to_rois
 from .structures import Detections, ImageMeta, require, scale_boxes, scale_factor_of
 
@@ -146,15 +147,17 @@ class TestTimeAugmentation:
 
     # ---- inference ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, detector: nn.Module, images: Tensor, metas: Sequence[ImageMeta]) -> list[Detections]:
+    def predict(self, detector: Detector, images: Tensor, metas: Sequence[ImageMeta]) -> list[Detections]:
         """Detections in the original frame, one per image of the batch (images go one at a time)."""
         if images.shape[0] != len(metas):
             raise ValueError(f"TestTimeAugmentation.predict: {images.shape[0]} images but {len(metas)} metas")
         return [self.predict_image(detector, images[i], meta) for i, meta in enumerate(metas)]
 
     @torch.no_grad()
-    def predict_image(self, detector: nn.Module, image: Tensor, meta: ImageMeta) -> Detections:
+    def predict_image(self, detector: Detector, image: Tensor, meta: ImageMeta) -> Detections:
         """One batch image (3, Hp, Wp) with its meta -> its merged detections in the original frame."""
+        if detector.roi_head is not None:
+            check_part(detector.roi_head, AugmentableRoIHead, "test-time augmentation: roi_head")
         views = self.views(meta)
         runs = [self.run_view(detector, image, meta, v) for v in views]
         proposals = detector.rpn_head.merge_proposals([r.proposals for r in runs])
@@ -162,10 +165,11 @@ class TestTimeAugmentation:
             return proposals_to_detections(proposals, meta)
         return self._detect(detector.roi_head, views, runs, proposals, meta)
 
-    def run_view(self, detector: nn.Module, image: Tensor, meta: ImageMeta, view: View) -> ViewRun:
+    def run_view(self, detector: Detector, image: Tensor, meta: ImageMeta, view: View) -> ViewRun:
         """FPN features, semantic feature and RPN proposals (mapped back to the reference frame) of a view."""
         feats = detector.extract_feats(self.view_image(image, meta, view))
-        props = detector.rpn_head.proposals(detector.rpn_head(feats), [view.size])[0]
+        rpn = detector.rpn_head
+        props = rpn.proposals(rpn(feats), [view.size], rpn.test_settings)[0]
         props = torch.cat([boxes_from_view(props[:, :4], view), props[:, 4:]], 1)
         semantic_feat = None
         if detector.roi_head is not None:
@@ -173,7 +177,7 @@ class TestTimeAugmentation:
             semantic_feat = None if sem is None else sem[1]
         return ViewRun(feats, semantic_feat, props)
 
-    def _detect(self, head: nn.Module, views: list[View], runs: list[ViewRun], proposals: Tensor,
+    def _detect(self, head: AugmentableRoIHead, views: list[View], runs: list[ViewRun], proposals: Tensor,
                 meta: ImageMeta) -> Detections:
         proposals = proposals.to(runs[0].feats[0].device)
         if proposals.shape[0] == 0:

@@ -18,11 +18,11 @@ def head_weights(state_dict: dict, prefix: str = "rpn_head.") -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def assert_same_proposal_set(head: torch.nn.Module, ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Same boxes and scores up to order (ties may reorder), tie-aware for NMS and the per-image cut (the
-    parity tool's comparison)."""
+def assert_same_proposal_set(head: torch.nn.Module, ours: torch.Tensor, ref: torch.Tensor, settings=None) -> None:
+    """Same boxes and scores up to order (ties may reorder), tie-aware for NMS and the per-image cut of
+    ``settings`` (default the head's test settings; the parity tool's comparison)."""
     rep = Report()
-    compare_proposals(rep, head, [ours], [ref])
+    compare_proposals(rep, head, [ours], [ref], settings=settings)
     assert not rep.failed, "\n".join(rep.lines)
 
 
@@ -43,7 +43,8 @@ def assert_matches_oracle_inference(head: torch.nn.Module, dump: dict, prefix: s
         compare_raw(rep, head, raw, dump["rpn_raw"], dump.get("config", ""))
         ref_raw = tuple([t.to(device) for t in levels] for levels in dump["rpn_raw"])
         img_size = tuple(dump["img_metas"][0]["img_shape"])
-        compare_proposals(rep, head, head.proposals(ref_raw, [img_size]), dump["proposals"], dump["rpn_raw"][0])
+        props = head.proposals(ref_raw, [img_size], head.test_settings)
+        compare_proposals(rep, head, props, dump["proposals"], dump["rpn_raw"][0])
     assert not rep.failed, "\n".join(rep.lines)
 
 

@@ -13,6 +13,8 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from htc_lightning.models.detector import Detector
 from htc_lightning.structures import Detections
 
 FIXTURES = (Path(__file__).parent / "fixtures").resolve()
@@ -88,17 +91,26 @@ class FakeRoIHead(nn.Module):
         self.cls_logits = nn.Parameter(torch.zeros(num_classes))
 
 
-class FakeDetector(nn.Module):
-    """Args:
-        roi_head: holds the box offset and class logits.
+class FakeDetector(Detector):
+    """A stand-in for the Detector (its interface, none of its parts) that trains in milliseconds.
+
+    Args:
+        roi_head: builds the head holding the box offset and class logits, for ``num_classes``.
+        num_classes: linked from the data by the CLI, as for the Detector.
         with_mask: predict box-shaped masks.
         nan_at_call: ``loss`` returns NaN for ``loss_bbox`` at this (0-based) call.
     """
 
-    def __init__(self, roi_head: FakeRoIHead, with_mask: bool = True, nan_at_call: int | None = None) -> None:
-        super().__init__()
+    with_mask = True  # a plain attribute here, set per instance (the Detector derives it from its RoI head)
+    with_semantic = False
+
+    def __init__(self, roi_head: Callable[[int], FakeRoIHead] = FakeRoIHead, num_classes: int = 80,
+                 with_mask: bool = True, nan_at_call: int | None = None) -> None:
+        nn.Module.__init__(self)  # none of the Detector's parts
+        self.num_classes = num_classes
         self.backbone = nn.Conv2d(3, 2, 3, padding=1)
-        self.roi_head = roi_head
+        self.rpn_head = None
+        self.roi_head = roi_head(num_classes)
         self.with_mask = with_mask
         self.nan_at_call = nan_at_call
         self.calls = 0
@@ -313,7 +325,7 @@ class SigtermAt(pl.Callback):
 
 
 def make_detector(num_classes: int = 2, init_offset: float = 3.0, **kwargs) -> FakeDetector:
-    return FakeDetector(FakeRoIHead(num_classes, init_offset), **kwargs)
+    return FakeDetector(partial(FakeRoIHead, init_offset=init_offset), num_classes, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,14 +68,11 @@ def test_v1_per_class_box_regression_drops_the_background_rows():
 
 def test_per_class_box_regression_loads_into_a_class_specific_head():
     from htc_lightning.checkpoints.mmdet import load_mmdet_checkpoint
-    from htc_lightning.models.roi_heads.bbox_head import Shared2FCBBoxHead
+    from htc_lightning.tools.mmdet_parity import build_detector
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = Shared2FCBBoxHead(3, 4, 2, 8, reg_class_agnostic=False)
-
-    ours = Wrapper()
-    theirs = {k: torch.randn_like(v) for k, v in ours.state_dict().items()}
+    ours = build_detector(str(Path(__file__).parents[1] / "configs/parity/mask_rcnn_tiny.yaml"), ["num_classes=3"])
+    assert ours.roi_head.bbox_head[0].fc_reg.out_features == 12
+    theirs = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ours.state_dict().items()}
     report = load_mmdet_checkpoint(ours, theirs)
-    assert report.ok and torch.equal(ours.head.fc_reg.weight, theirs["head.fc_reg.weight"])
+    assert report.ok and torch.equal(ours.roi_head.bbox_head[0].fc_reg.weight,
+                                     theirs["roi_head.bbox_head.0.fc_reg.weight"])

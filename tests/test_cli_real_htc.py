@@ -16,7 +16,7 @@ from htc_lightning.cli import HTCLightningCLI
 
 def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
     parts = "htc_lightning.models"
-    head = {"in_channels": 32,
+    head = {"interleaved": True, "mask_info_flow": True,
             "bbox_head": {"class_path": f"{parts}.roi_heads.bbox_head.Shared2FCBBoxHead",
                           "init_args": {"fc_out_channels": 64}},
             "mask_head": {"class_path": f"{parts}.roi_heads.mask_head.FCNMaskHead",
@@ -24,13 +24,13 @@ def tiny_htc_config(tmp_path, coco_root, **trainer) -> str:
             "sampler": {"class_path": f"{parts}.layers.samplers.RandomSampler",
                         "init_args": {"num": 64, "pos_fraction": 0.25}},
             "semantic_head": {"class_path": "htc_lightning.models.roi_heads.semantic_head.FusedSemanticHead",
-                              "init_args": {"in_channels": 32, "conv_out_channels": 32, "num_convs": 1}}}
+                              "init_args": {"conv_out_channels": 32, "num_convs": 1}}}
     detector = {"class_path": "htc_lightning.models.detector.Detector", "init_args": {
         "backbone": {"class_path": "htc_lightning.models.backbones.timm_backbone.TimmBackbone",
                      "init_args": {"model_name": "resnet18", "frozen_stages": -1, "norm_eval": False}},
         "neck": {"class_path": "htc_lightning.models.necks.fpn.FPN", "init_args": {"out_channels": 32}},
         "rpn_head": {"class_path": "htc_lightning.models.proposals.rpn.RPN",
-                     "init_args": {"in_channels": 32, "feat_channels": 32, "train_nms_pre": 200,
+                     "init_args": {"feat_channels": 32, "train_nms_pre": 200,
                                    "train_max_per_img": 100, "test_nms_pre": 200, "test_max_per_img": 50}},
         "roi_head": {"class_path": "htc_lightning.models.roi_heads.cascade.CascadeRoIHead", "init_args": head}}}
     config = {

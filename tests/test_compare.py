@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.proposals import GARPN
 from htc_lightning.tools.compare import (
     Tolerance,
@@ -152,7 +153,7 @@ def _ga_raw(loc: torch.Tensor, cls: torch.Tensor):
 
 
 def test_ga_location_filter_flip_at_the_threshold_is_accepted_and_counted():
-    head = GARPN(8, 8).eval()
+    head = GARPN(FeatureSpec.pyramid(8), 8).eval()
     thr = math.log(head.loc_filter_thr / (1 - head.loc_filter_thr))
     ref_loc = torch.tensor([[thr + 1e-5, 2.0], [-8.0, 1.0]])
     ours_loc = ref_loc.clone()
@@ -165,7 +166,7 @@ def test_ga_location_filter_flip_at_the_threshold_is_accepted_and_counted():
 
 
 def test_ga_location_filter_flip_away_from_the_threshold_fails():
-    head = GARPN(8, 8).eval()
+    head = GARPN(FeatureSpec.pyramid(8), 8).eval()
     # sigmoid(-3) = 0.047: the reference (threshold 0.05) filtered it, ours (0.01) keeps it
     ref_loc = torch.tensor([[-3.0, 2.0], [-8.0, 1.0]])
     ours_cls = torch.tensor([[0.3, 0.2], [0.0, 0.1]])

@@ -28,7 +28,7 @@ OTHER = ((192, 224), (256, 320))
 def tiny_detector(family: str):
     # 4 classes: random softmax scores (~0.2) clear the 0.05 threshold, so every image keeps max_per_img boxes
     torch.manual_seed(0)
-    return build_detector(str(CONFIGS / FAMILIES[family]), ["roi_head.init_args.num_classes=4"]).eval()
+    return build_detector(str(CONFIGS / FAMILIES[family]), ["num_classes=4"]).eval()
 
 
 def assert_checked(checks):

@@ -7,7 +7,7 @@ import time
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FakeDetector, FakeRoIHead, TinyCocoDataModule
+from conftest import FakeDetector, TinyCocoDataModule
 
 from htc_lightning.callbacks import DetectionCheckpoint
 from htc_lightning.module import DetectionModule, NonFiniteLossError, NonFiniteWeightsError
@@ -18,9 +18,9 @@ class NonFiniteDetector(FakeDetector):
     ``nan_grad_calls`` (sqrt'(0) * 0), and whose ``loss_aux`` term is NaN without any gradient at the calls in
     ``nan_loss_calls`` (calls of this process: under DDP each rank counts its own)."""
 
-    def __init__(self, roi_head: FakeRoIHead, nan_grad_calls: tuple[int, ...] = (),
+    def __init__(self, num_classes: int = 2, nan_grad_calls: tuple[int, ...] = (),
                  nan_loss_calls: tuple[int, ...] = ()) -> None:
-        super().__init__(roi_head)
+        super().__init__(num_classes=num_classes)
         self.nan_grad_calls, self.nan_loss_calls = set(nan_grad_calls), set(nan_loss_calls)
 
     def loss(self, images, targets, metrics=None):
@@ -56,7 +56,7 @@ class Record(pl.Callback):
 
 def module_for(nan_policy: str = "raise", max_consecutive_skips: int = 10, **detector) -> DetectionModule:
     # weight decay on, so a step that applied a zero gradient would still move the weights
-    return DetectionModule(NonFiniteDetector(FakeRoIHead(2), **detector), lr=0.01, base_batch_size=2, warmup_iters=0,
+    return DetectionModule(NonFiniteDetector(2, **detector), lr=0.01, base_batch_size=2, warmup_iters=0,
                            weight_decay=0.1, nan_policy=nan_policy, max_consecutive_skips=max_consecutive_skips,
                            log_images=0)
 
@@ -149,8 +149,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_and_the_previous_one_is
 class BatchNormDetector(NonFiniteDetector):
     """A BatchNorm in train mode after the backbone: a NaN batch writes NaN into its running statistics."""
 
-    def __init__(self, roi_head: FakeRoIHead, nan_image_calls: tuple[int, ...] = ()) -> None:
-        super().__init__(roi_head)
+    def __init__(self, num_classes: int = 2, nan_image_calls: tuple[int, ...] = ()) -> None:
+        super().__init__(num_classes)
         self.norm = torch.nn.BatchNorm2d(2)
         self.nan_image_calls = set(nan_image_calls)
 
@@ -163,7 +163,7 @@ class BatchNormDetector(NonFiniteDetector):
 
 
 def test_skip_refuses_a_step_whose_forward_already_wrote_nan_into_batchnorm_statistics(tmp_path):
-    module = DetectionModule(BatchNormDetector(FakeRoIHead(2), nan_image_calls=(2,)), lr=0.01, base_batch_size=2,
+    module = DetectionModule(BatchNormDetector(2, nan_image_calls=(2,)), lr=0.01, base_batch_size=2,
                              nan_policy="skip", log_images=0)
     with pytest.raises(NonFiniteLossError, match=r"cannot skip step 2 .*: its forward pass already wrote "
                                                 r"non-finite values into detector\.norm\.running_mean, "
@@ -187,7 +187,7 @@ class RankState(pl.Callback):
 def test_ddp_ranks_agree_on_skipping_a_step_that_is_non_finite_on_one_rank_only(tmp_path):
     # rank 1: a NaN gradient at its call 1 (DDP's all-reduce spreads it); rank 0: a NaN loss term without gradient at
     # its call 3, which only rank 0 sees: without the all-reduced flag rank 0 would skip step 3 alone.
-    module = DetectionModule(NonFiniteDetector(FakeRoIHead(2)), lr=0.01, base_batch_size=4, warmup_iters=0,
+    module = DetectionModule(NonFiniteDetector(2), lr=0.01, base_batch_size=4, warmup_iters=0,
                              nan_policy="skip", log_images=0)
     per_rank = PerRankNonFinite(grad={1: {1}}, loss={0: {3}})
     trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=5, limit_val_batches=0,
@@ -231,7 +231,7 @@ class RecordingModule(DetectionModule):
 
 def test_ddp_raise_stops_every_rank_at_the_step_only_one_rank_saw(tmp_path):
     # rank 0's loss term is NaN (without gradient) at its call 2; rank 1 sees nothing wrong, yet stops there too
-    module = RecordingModule(NonFiniteDetector(FakeRoIHead(2)), lr=0.01, base_batch_size=4, warmup_iters=0,
+    module = RecordingModule(NonFiniteDetector(2), lr=0.01, base_batch_size=4, warmup_iters=0,
                              log_images=0)
     module.out = str(tmp_path / "error")
     trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=4, limit_val_batches=0,

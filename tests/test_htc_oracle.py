@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from htc_lightning.checkpoints.mmdet import convert_mmdet_state_dict
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.layers.assigners import MaxIoUAssigner
 from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, FusedSemanticHead, Shared2FCBBoxHead
 from htc_lightning.tools.compare import assert_close_to_reference, score_tolerance
@@ -29,10 +30,9 @@ PREDICT_ON = {"tiny_htc_s0", "tiny_htc_s3", "tiny_cascade_s0"}
 def tiny_head(kind: str) -> CascadeRoIHead:
     """The dumps' ``--tiny`` widths (32-channel FPN and heads, 64-wide fcs) and test config (score_thr 0.001)."""
     cascade = kind == "cascade"
-    return CascadeRoIHead(in_channels=32, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=64),
+    return CascadeRoIHead(FeatureSpec.pyramid(32), bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=64),
                           mask_head=partial(FCNMaskHead, conv_channels=32),
-                          semantic_head=(FusedSemanticHead(in_channels=32, conv_out_channels=32) if kind == "htc"
-                                         else None),
+                          semantic_head=partial(FusedSemanticHead, conv_out_channels=32) if kind == "htc" else None,
                           interleaved=not cascade, mask_info_flow=not cascade,
                           assigner=partial(MaxIoUAssigner, match_low_quality=not cascade),
                           mask_merge="mean" if cascade else "last", score_thr=0.001)

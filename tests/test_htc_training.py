@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.layers.assigners import MaxIoUAssigner
 from htc_lightning.models.layers.samplers import RandomSampler
 from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, FusedSemanticHead, Shared2FCBBoxHead
@@ -20,9 +21,11 @@ def keep_all() -> RandomSampler:
 
 def make_head(**kw) -> CascadeRoIHead:
     torch.manual_seed(0)
-    kw.setdefault("semantic_head", FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5))
+    kw.setdefault("semantic_head", partial(FusedSemanticHead, conv_out_channels=8, num_classes=5))
     kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=8, num_convs=2))
-    return CascadeRoIHead(num_classes=NUM_CLASSES, in_channels=8,
+    kw.setdefault("interleaved", True)
+    kw.setdefault("mask_info_flow", True)
+    return CascadeRoIHead(FeatureSpec.pyramid(8, NUM_CLASSES),
                           bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16), score_thr=0.0, **kw)
 
 

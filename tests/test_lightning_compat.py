@@ -10,7 +10,7 @@ from importlib.metadata import version
 import pytest
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.demos.boring_classes import BoringDataModule, BoringModel
+from pytorch_lightning.demos.boring_classes import BoringModel
 from torch import nn
 
 from htc_lightning._lightning_compat import (
@@ -19,7 +19,6 @@ from htc_lightning._lightning_compat import (
     built_by_lightning_cli,
     checkpoint_schedule,
     cluster_environment,
-    drop_instantiation_link,
     run_slurm_requeue,
     save_last_checkpoint_only,
     stop_as_on_sigterm,
@@ -69,68 +68,6 @@ def test_uses_distributed_sampler_reads_the_flag_the_trainer_was_created_with():
 def test_a_missing_attribute_is_an_error_naming_it_and_the_installed_version():
     with pytest.raises(InternalsChanged, match=rf"_accelerator_connector\.use_distributed_sampler .* {LIGHTNING}"):
         uses_distributed_sampler(object())
-
-
-class Head:
-    def __init__(self, num_classes: int = 80, channels: int = 8) -> None:  # a head has more than the linked arg
-        self.num_classes, self.channels = num_classes, channels
-
-
-class Detector:
-    def __init__(self, head: Head | None = None) -> None:
-        self.head = head
-
-
-class DetectorModule(BoringModel):
-    def __init__(self, detector: Detector) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.detector = detector
-
-
-class ThreeClassData(BoringDataModule):
-    num_classes = 3
-
-
-HEAD_NUM_CLASSES = "model.init_args.detector.init_args.head.init_args.num_classes"
-
-
-def linked_cli(head: bool, drop_link: bool) -> LightningCLI:
-    """HTCLightningCLI's num_classes link in miniature: data -> model...detector...head...num_classes."""
-
-    class LinkedCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("data", HEAD_NUM_CLASSES, compute_fn=lambda data: data.num_classes,
-                                  apply_on="instantiate")
-
-        def before_instantiate_classes(self) -> None:
-            if drop_link:
-                drop_instantiation_link(self.parser, HEAD_NUM_CLASSES)
-
-    detector = {"class_path": f"{__name__}.Detector",
-                "init_args": {"head": {"class_path": f"{__name__}.Head"} if head else None}}
-    config = {"model": {"class_path": f"{__name__}.DetectorModule", "init_args": {"detector": detector}}}
-    return LinkedCLI(DetectorModule, ThreeClassData, subclass_mode_model=True, args=config, run=False,
-                     trainer_defaults=QUIET_TRAINER, seed_everything_default=False)
-
-
-def test_drop_instantiation_link_removes_the_link_the_cli_applies():
-    assert linked_cli(head=True, drop_link=False).model.detector.head.num_classes == 3, (
-        f"{JSONARGPARSE}: the instantiation link itself no longer applies")
-    assert linked_cli(head=True, drop_link=True).model.detector.head.num_classes == 80, (
-        f"{JSONARGPARSE}: the link still applies after removing it from ArgumentParser._links_group._group_actions")
-    assert linked_cli(head=False, drop_link=True).model.detector.head is None
-
-
-def test_a_link_into_a_part_set_to_none_still_fails_without_the_workaround():
-    # why drop_instantiation_link exists; once this builds, delete it and HTCLightningCLI.before_instantiate_classes
-    try:
-        linked_cli(head=False, drop_link=False)
-    except (TypeError, ValueError) as error:
-        assert "NoneType" in str(error), error
-    else:
-        pytest.fail(f"{JSONARGPARSE} with {LIGHTNING} builds a model whose linked part is None: "
-                    "drop_instantiation_link is no longer needed")
 
 
 def test_lightning_cli_calls_the_ckpt_path_hook_once_between_parsing_and_instantiation():

@@ -10,6 +10,7 @@ from torch import nn
 
 from htc_lightning.cli import HTCLightningCLI
 from htc_lightning.data.synthetic import make_synthetic_coco
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.layers.assigners import MaxIoUAssigner
 from htc_lightning.models.layers.samplers import RandomSampler
 from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, Shared2FCBBoxHead
@@ -21,10 +22,9 @@ PARTS = "htc_lightning.models"
 class DropoutMaskHead(FCNMaskHead):
     """A research variant: the stock mask head with dropout before the logits, one new argument."""
 
-    def __init__(self, num_classes: int = 80, in_channels: int = 256, conv_channels: int = 256, num_convs: int = 4,
-                 with_conv_res: bool = False, mask_size: int = 28, loss_weight: float = 1.0,
-                 dropout: float = 0.1) -> None:
-        super().__init__(num_classes, in_channels, conv_channels, num_convs, with_conv_res, mask_size, loss_weight)
+    def __init__(self, input: FeatureSpec, conv_channels: int = 256, num_convs: int = 4, with_conv_res: bool = False,
+                 mask_size: int = 28, loss_weight: float = 1.0, dropout: float = 0.1) -> None:
+        super().__init__(input, conv_channels, num_convs, with_conv_res, mask_size, loss_weight)
         self.dropout = nn.Dropout2d(dropout)
         self.upsample = nn.Sequential(self.upsample, self.dropout)
 
@@ -75,43 +75,25 @@ def test_mask_head_sampler_and_assigner_are_swapped_from_yaml_and_train(tmp_path
 
 
 def test_the_box_head_factory_gets_each_stage_its_own_target_stds():
-    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+    head = CascadeRoIHead(FeatureSpec.pyramid(8, 3), bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
                           mask_head=None, mask_info_flow=False)
     assert [h.coder.stds for h in head.bbox_head] == [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                                       (0.033, 0.033, 0.067, 0.067)]
     assert all(h.shared_fcs[0].in_features == 8 * 7 * 7 for h in head.bbox_head)  # the RoI extractor's 7x7
 
 
-def test_a_part_built_for_another_class_count_is_an_error_naming_it():
-    def fixed_80(num_classes, in_channels, **kw):
-        return FCNMaskHead(80, in_channels, conv_channels=in_channels, **kw)
-
-    with pytest.raises(ValueError, match=r"mask_head 0 \(FCNMaskHead\) was built for 80 classes, the RoI head for 3"):
-        CascadeRoIHead(num_classes=3, in_channels=8, mask_head=fixed_80)
-
-
 def test_a_mask_head_too_narrow_for_the_information_flow_is_an_error_naming_the_fix():
     with pytest.raises(ValueError, match="set conv_channels=8"):
-        CascadeRoIHead(num_classes=3, in_channels=8, mask_head=partial(FCNMaskHead, conv_channels=4))
+        CascadeRoIHead(FeatureSpec.pyramid(8, 3), mask_head=partial(FCNMaskHead, conv_channels=4),
+                       mask_info_flow=True)
 
 
-def test_default_parts_are_mmdets_htc_settings():
-    head = CascadeRoIHead()
+def test_default_parts_are_mmdets_cascade_settings():
+    head = CascadeRoIHead(FeatureSpec.pyramid(256))
+    # Cascade Mask R-CNN: HTC's interleaving, mask information flow and semantic branch are what HTC configs add
+    assert not head.interleaved and not head.mask_info_flow and head.semantic_head is None
     assert isinstance(head.sampler, RandomSampler)
     assert (head.sampler.num, head.sampler.pos_fraction, head.sampler.add_gt_as_proposals) == (512, 0.25, True)
     assert all(isinstance(a, MaxIoUAssigner) and a.match_low_quality for a in head.assigners)
     assert [a.min_pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
     assert (head.bbox_roi_extractor.output_size, head.mask_roi_extractor.output_size) == (7, 14)
-
-
-def test_the_old_name_htc_roi_head_still_builds_the_cascade_head_from_a_config():
-    # configs and checkpoints written before the rename name the old class_path
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--roi_head", type=nn.Module)
-    cfg = parser.parse_args(["--roi_head", '{"class_path": "htc_lightning.models.roi_heads.htc.HTCRoIHead", '
-                             '"init_args": {"num_classes": 3, "in_channels": 8, "mask_head": null, '
-                             '"mask_info_flow": false}}'])
-    head = parser.instantiate(cfg).roi_head
-    assert type(head) is CascadeRoIHead and head.num_classes == 3 and not head.with_mask

@@ -147,11 +147,11 @@ def test_16_mixed_predictions_are_close_to_float32(tmp_path, coco_root, family):
     with torch.no_grad():
         feats, feats16 = fp32_and_fp16(detector.extract_feats, images)
         raw, raw16 = fp32_and_fp16(detector.rpn_head, feats)
-        roi_head = detector.roi_head
+        roi_head, rpn = detector.roi_head, detector.rpn_head
         sem = roi_head.semantic(feats)
         semantic_feat = None if sem is None else sem[1]
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), float(i)), p[:, :4]], 1)
-                          for i, p in enumerate(detector.rpn_head.proposals(raw, img_sizes))])
+                          for i, p in enumerate(rpn.proposals(raw, img_sizes, rpn.test_settings))])
         (scores, boxes), (scores16, boxes16) = fp32_and_fp16(roi_head.refine_and_score, feats, rois, img_sizes,
                                                              semantic_feat)
         final = torch.cat([rois[:, :1], boxes if boxes.dim() == 2 else boxes[:, 0]], 1)

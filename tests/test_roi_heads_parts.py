@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.layers.samplers import SamplingResult
 from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, FusedSemanticHead, Shared2FCBBoxHead
 
@@ -23,7 +24,7 @@ def sampling(pos: list[list[float]], gts: list[list[float]], labels: list[int], 
 
 # ---- box head -----------------------------------------------------------------------------------------------
 def test_box_targets_put_background_last_and_weight_only_positive_regression():
-    head = Shared2FCBBoxHead(num_classes=4, in_channels=2, fc_out_channels=8)
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 4), fc_out_channels=8)
     s = sampling([[0, 0, 10, 10]], [[1, 1, 11, 11]], [2], [[20, 20, 30, 30], [5, 20, 9, 30]])
     labels, label_w, box_t, box_w = head.targets([s])
     assert labels.tolist() == [2, 4, 4]
@@ -33,7 +34,7 @@ def test_box_targets_put_background_last_and_weight_only_positive_regression():
 
 
 def test_box_regression_loss_is_divided_by_all_sampled_rois():
-    head = Shared2FCBBoxHead(num_classes=4, in_channels=2, fc_out_channels=8)
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 4), fc_out_channels=8)
     s = sampling([[0, 0, 10, 10]], [[1, 1, 11, 11]], [2], [[20, 20, 30, 30], [5, 20, 9, 30], [1, 1, 3, 3]])
     targets = head.targets([s])
     cls_score = torch.randn(4, 5)
@@ -48,7 +49,7 @@ def test_box_regression_loss_is_divided_by_all_sampled_rois():
 
 
 def test_box_head_without_positives_has_zero_regression_loss_with_a_graph():
-    head = Shared2FCBBoxHead(num_classes=4, in_channels=2, fc_out_channels=8)
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 4), fc_out_channels=8)
     s = sampling([], [], [], [[20, 20, 30, 30]])
     bbox_pred = torch.randn(1, 4, requires_grad=True)
     losses = head.loss(torch.randn(1, 5), bbox_pred, *head.targets([s]))
@@ -56,7 +57,7 @@ def test_box_head_without_positives_has_zero_regression_loss_with_a_graph():
 
 
 def test_regress_clips_each_roi_to_its_own_image():
-    head = Shared2FCBBoxHead(num_classes=1, in_channels=2, fc_out_channels=8, target_stds=(1, 1, 1, 1))
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 1), fc_out_channels=8, target_stds=(1, 1, 1, 1))
     rois = torch.tensor([[0, 0, 0, 30, 30], [1, 0, 0, 30, 30]], dtype=torch.float)
     out = head.regress(rois, torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]), [(100, 100), (40, 40)])
     torch.testing.assert_close(out, torch.tensor([[30.0, 0, 60, 30], [30.0, 0, 40, 30]]))
@@ -65,7 +66,7 @@ def test_regress_clips_each_roi_to_its_own_image():
 # ---- mask head ----------------------------------------------------------------------------------------------
 def test_mask_head_adds_relu_of_conv_res_of_the_previous_feature():
     torch.manual_seed(0)
-    head = FCNMaskHead(num_classes=2, in_channels=4, conv_channels=4, num_convs=1, with_conv_res=True)
+    head = FCNMaskHead(FeatureSpec.pyramid(4, 2), conv_channels=4, num_convs=1, with_conv_res=True)
     x, prev = torch.randn(3, 4, 14, 14), torch.randn(3, 4, 14, 14)
     logits, feat = head(x, prev)
     expected_feat = torch.relu(head.convs[0](x + torch.relu(head.conv_res(prev))))
@@ -74,7 +75,7 @@ def test_mask_head_adds_relu_of_conv_res_of_the_previous_feature():
 
 
 def test_mask_head_without_conv_res_rejects_a_previous_feature():
-    head = FCNMaskHead(num_classes=2, in_channels=4, conv_channels=4, num_convs=1)
+    head = FCNMaskHead(FeatureSpec.pyramid(4, 2), conv_channels=4, num_convs=1)
     with pytest.raises(ValueError, match="with_conv_res"):
         head(torch.randn(1, 4, 14, 14), torch.randn(1, 4, 14, 14))
 
@@ -94,20 +95,20 @@ def semantic_case():
 
 def test_semantic_loss_averages_over_all_pixels_including_ignored():
     logits, full, small = semantic_case()
-    head = FusedSemanticHead(in_channels=4, conv_out_channels=4, num_classes=5)
+    head = FusedSemanticHead(FeatureSpec.pyramid(4), conv_out_channels=4, num_classes=5)
     expected = 0.2 * F.cross_entropy(logits, small, ignore_index=255, reduction="sum") / small.numel()
     torch.testing.assert_close(head.loss(logits, full), expected)
 
 
 def test_semantic_loss_avg_non_ignore_averages_over_labeled_pixels_only():
     logits, full, small = semantic_case()
-    head = FusedSemanticHead(in_channels=4, conv_out_channels=4, num_classes=5, avg_non_ignore=True)
+    head = FusedSemanticHead(FeatureSpec.pyramid(4), conv_out_channels=4, num_classes=5, avg_non_ignore=True)
     expected = 0.2 * F.cross_entropy(logits, small, ignore_index=255)
     torch.testing.assert_close(head.loss(logits, full), expected)
 
 
 def test_semantic_head_outputs_at_the_fusion_level():
-    head = FusedSemanticHead(in_channels=4, conv_out_channels=6, num_classes=5)
+    head = FusedSemanticHead(FeatureSpec.pyramid(4), conv_out_channels=6, num_classes=5)
     feats = [torch.randn(2, 4, 32 // 2 ** i, 40 // 2 ** i) for i in range(5)]
     seg, feat = head(feats)
     assert seg.shape == (2, 5, 16, 20) and feat.shape == (2, 6, 16, 20)
@@ -121,9 +122,9 @@ MASK8 = partial(FCNMaskHead, conv_channels=8, num_convs=2)
 
 def tiny_htc(**kw) -> CascadeRoIHead:
     torch.manual_seed(0)
-    return CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=MASK8,
-                          semantic_head=FusedSemanticHead(in_channels=8, conv_out_channels=8, num_classes=5),
-                          score_thr=0.0, **kw).eval()
+    return CascadeRoIHead(FeatureSpec.pyramid(8, 3), bbox_head=BBOX16, mask_head=MASK8,
+                          semantic_head=partial(FusedSemanticHead, conv_out_channels=8, num_classes=5),
+                          **{"interleaved": True, "mask_info_flow": True, "score_thr": 0.0, **kw}).eval()
 
 
 def feats64() -> list[torch.Tensor]:
@@ -189,7 +190,7 @@ def test_predict_without_proposals_returns_empty_detections():
 
 
 def test_box_only_head_has_no_mask_modules_and_predicts_no_masks():
-    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=BBOX16, mask_head=None, mask_info_flow=False,
+    head = CascadeRoIHead(FeatureSpec.pyramid(8, 3), bbox_head=BBOX16, mask_head=None, mask_info_flow=False,
                           interleaved=False, score_thr=0.0).eval()
     assert not hasattr(head, "mask_head")
     meta = {"orig_size": (64, 64), "img_size": (64, 64), "scale_factor": (1.0, 1.0)}
@@ -206,13 +207,14 @@ def test_box_stage_with_semantic_fusion_requires_the_semantic_feature():
 
 def test_full_size_htc_roi_head_has_mmdets_parameter_count():
     # mmdet 3.3.0 htc_r50_fpn_1x_coco: roi_head 52,811,942 parameters (detector 80,258,293)
-    head = CascadeRoIHead(semantic_head=FusedSemanticHead())
+    head = CascadeRoIHead(FeatureSpec.pyramid(256), semantic_head=FusedSemanticHead, interleaved=True,
+                          mask_info_flow=True)
     assert sum(p.numel() for p in head.parameters()) == 52_811_942
 
 
 # ---- Mask R-CNN's box head (num_stages=1): per-class regression and L1 loss ---------------------------------
 def test_class_specific_regression_is_trained_on_the_gt_class_deltas_with_l1():
-    head = Shared2FCBBoxHead(num_classes=3, in_channels=2, fc_out_channels=8, reg_class_agnostic=False,
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 3), fc_out_channels=8, reg_class_agnostic=False,
                              bbox_loss="l1")
     assert head.fc_reg.out_features == 12
     s = sampling([[0, 0, 10, 10]], [[1, 1, 11, 11]], [1], [[20, 20, 30, 30]])
@@ -225,7 +227,7 @@ def test_class_specific_regression_is_trained_on_the_gt_class_deltas_with_l1():
 
 
 def test_class_specific_regress_uses_the_given_labels():
-    head = Shared2FCBBoxHead(num_classes=2, in_channels=2, fc_out_channels=8, reg_class_agnostic=False,
+    head = Shared2FCBBoxHead(FeatureSpec.pyramid(2, 2), fc_out_channels=8, reg_class_agnostic=False,
                              target_stds=(1, 1, 1, 1))
     rois = torch.tensor([[0.0, 0, 0, 10, 10]])
     deltas = torch.tensor([[0.0, 0, 0, 0, 1.0, 0, 0, 0]])
@@ -236,7 +238,7 @@ def test_class_specific_regress_uses_the_given_labels():
 
 def test_mask_rcnn_configuration_predicts_with_per_class_boxes():
     torch.manual_seed(0)
-    head = CascadeRoIHead(num_classes=3, in_channels=8, bbox_head=partial(BBOX16, reg_class_agnostic=False),
+    head = CascadeRoIHead(FeatureSpec.pyramid(8, 3), bbox_head=partial(BBOX16, reg_class_agnostic=False),
                           mask_head=MASK8, num_stages=1, stage_loss_weights=(1,), iou_thresholds=(0.5,),
                           target_stds=((.1, .1, .2, .2),), interleaved=False, mask_info_flow=False,
                           score_thr=0.0).eval()

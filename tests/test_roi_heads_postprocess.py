@@ -4,6 +4,7 @@ from functools import partial
 
 import torch
 
+from htc_lightning.models.interfaces import FeatureSpec
 from htc_lightning.models.roi_heads import CascadeRoIHead, FCNMaskHead, Shared2FCBBoxHead
 from htc_lightning.structures import Detections
 
@@ -16,7 +17,7 @@ SCORES = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.7, 0.2]])
 
 def head(with_mask: bool, **kw) -> CascadeRoIHead:
     mask_head = partial(FCNMaskHead, conv_channels=8, num_convs=1) if with_mask else None
-    return CascadeRoIHead(num_classes=2, in_channels=8, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
+    return CascadeRoIHead(FeatureSpec.pyramid(8, 2), bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=16),
                           mask_head=mask_head, mask_info_flow=with_mask, score_thr=0.3, **kw).eval()
 
 

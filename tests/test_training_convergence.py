@@ -80,14 +80,14 @@ def first_and_last(values: list[float]) -> tuple[float, float]:
 
 
 def test_tiny_cascade_mask_rcnn_loss_halves_in_200_iterations(batches):
-    detector = build("cascade_tiny_synthetic.yaml", f"roi_head.init_args.num_classes={NUM_CLASSES}")
+    detector = build("cascade_tiny_synthetic.yaml", f"num_classes={NUM_CLASSES}")
     assert detector.roi_head.interleaved is False and detector.roi_head.mask_info_flow is False
     first, last = first_and_last(train(detector, batches, 200)["total"])
     assert last < 0.5 * first, f"Cascade Mask R-CNN loss {first:.3f} -> {last:.3f}"
 
 
 def test_tiny_htc_with_semantic_branch_loss_halves_in_200_iterations(batches):
-    detector = build("htc_tiny_synthetic.yaml", f"roi_head.init_args.num_classes={NUM_CLASSES}")
+    detector = build("htc_tiny_synthetic.yaml", f"num_classes={NUM_CLASSES}")
     assert detector.with_semantic
     history = train(detector, batches, 200)
     first, last = first_and_last(history["total"])
@@ -108,7 +108,7 @@ def test_tiny_ga_rpn_loss_falls(batches):
 
 
 def test_tiny_htc_on_fishnet99_loss_halves_in_60_iterations(batches):
-    detector = build("htc_fishnet99_tiny_synthetic.yaml", f"roi_head.init_args.num_classes={NUM_CLASSES}")
+    detector = build("htc_fishnet99_tiny_synthetic.yaml", f"num_classes={NUM_CLASSES}")
     assert type(detector.backbone).__name__ == "FishNet" and detector.backbone.depth == 99
     first, last = first_and_last(train(detector, batches, 60)["total"])
     assert last < 0.5 * first, f"HTC FishNet-99 loss {first:.3f} -> {last:.3f}"

@@ -44,14 +44,15 @@ def tiny_detector(with_semantic: bool = True, roi_head: bool = True, num_classes
                             model_kwargs={"channels": [8, 8, 16, 16], "stem_width": 8})
     head = None
     if roi_head:
-        semantic = FusedSemanticHead(in_channels=16, conv_out_channels=16, num_classes=5) if with_semantic else None
+        semantic = partial(FusedSemanticHead, conv_out_channels=16, num_classes=5) if with_semantic else None
         head_kw.setdefault("score_thr", 0.05)
         head_kw.setdefault("mask_head", partial(FCNMaskHead, conv_channels=16, num_convs=2))
-        head = CascadeRoIHead(num_classes=num_classes, in_channels=16,
-                              bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=32), semantic_head=semantic,
-                              semantic_fusion=("bbox", "mask"), **head_kw)
-    rpn = RPN(in_channels=16, feat_channels=16, test_nms_pre=200, test_max_per_img=50)
-    return Detector(backbone, FPN(out_channels=16, num_outs=5), rpn, head).eval()
+        head_kw.setdefault("interleaved", True)
+        head_kw.setdefault("mask_info_flow", True)
+        head = partial(CascadeRoIHead, bbox_head=partial(Shared2FCBBoxHead, fc_out_channels=32),
+                       semantic_head=semantic, semantic_fusion=("bbox", "mask"), **head_kw)
+    rpn = partial(RPN, feat_channels=16, test_nms_pre=200, test_max_per_img=50)
+    return Detector(backbone, partial(FPN, out_channels=16, num_outs=5), rpn, head, num_classes=num_classes).eval()
 
 
 def image(seed: int = 1) -> torch.Tensor:
@@ -211,7 +212,7 @@ def test_proposal_only_detector_merges_proposals_only():
     assert_same_detections(TestTimeAugmentation(scales=[(96, 64)], flip=False).predict(detector, images,
                                                                                             [META])[0], plain)
     merged = TestTimeAugmentation(scales=[(96, 64), (180, 120)], flip=True).predict(detector, images, [META])[0]
-    assert 0 < len(merged) <= detector.rpn_head.test_max_per_img
+    assert 0 < len(merged) <= detector.rpn_head.test_settings.max_per_img
     assert (merged.labels == 0).all() and bool((merged.scores[:-1] >= merged.scores[1:]).all())
     # proposals of every view come back in the original frame (a 60 x 90 image), none left at view scale
     assert float(merged.boxes[:, 2].max()) <= 90 + 1e-3 and float(merged.boxes[:, 3].max()) <= 60 + 1e-3
@@ -239,7 +240,7 @@ def test_flip_view_is_inference_on_the_mirrored_image_mapped_back():
     assert plain_view.is_reference and flip_view.flip and flip_view.size == (64, 96)
     run = tta.run_view(detector, img, META, flip_view)
     rpn = detector.rpn_head
-    mirrored = rpn.proposals(rpn(detector.extract_feats(img.flip(-1)[None])), [(64, 96)])[0]
+    mirrored = rpn.proposals(rpn(detector.extract_feats(img.flip(-1)[None])), [(64, 96)], rpn.test_settings)[0]
     assert len(mirrored) > 0
     assert torch.equal(run.proposals[:, :4], flip_boxes(mirrored[:, :4], 96))
     assert torch.equal(run.proposals[:, 4], mirrored[:, 4])

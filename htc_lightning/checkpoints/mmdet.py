@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..models.detector import Detector
 
 # (pattern, replacement) applied with re.sub, every rule in order.
 KEY_RULES: list[tuple[str, str]] = [
@@ -44,11 +48,6 @@ def _safe_globals() -> list:
         allowed.append(np.core.multiarray.scalar)
     allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
     return allowed
-
-
-# Layers whose first dimension counts classes (names after KEY_RULES): what fine-tuning on other classes re-initialises.
-CLASS_SPECIFIC = re.compile(r"^roi_head\.(bbox_head\.\d+\.fc_(cls|reg)|mask_head\.\d+\.conv_logits|"
-                            r"semantic_head\.conv_logits)\.(weight|bias)$")
 
 
 def checkpoint_num_classes(state_dict: dict[str, Tensor]) -> int | None:
@@ -136,17 +135,17 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _class_count_only(key: str, theirs: Tensor, ours: Tensor) -> bool:
-    """Same layer for another number of classes: a class-specific name, only the first dimension differs
-    (and for box regression both per-class: 4 x classes rows)."""
-    if not CLASS_SPECIFIC.match(key) or theirs.shape[1:] != ours.shape[1:]:
+def _class_count_only(key: str, theirs: Tensor, ours: Tensor, class_sized: Sequence[str]) -> bool:
+    """Same layer for another number of classes: a tensor the detector declares class-sized, only the first
+    dimension differs (and for box regression both per-class: 4 x classes rows)."""
+    if key not in class_sized or theirs.shape[1:] != ours.shape[1:]:
         return False
     if ".fc_reg." in key:
         return theirs.shape[0] > 4 and ours.shape[0] > 4
     return True
 
 
-def load_mmdet_checkpoint(detector: nn.Module, path_or_state_dict: str | PathLike | dict[str, Tensor],
+def load_mmdet_checkpoint(detector: Detector, path_or_state_dict: str | PathLike | dict[str, Tensor],
                           strict: bool = True, checkpoint_format: Literal["v2", "v1"] = "v2",
                           reinit_class_layers: bool = False) -> LoadReport:
     """Load an mmdet checkpoint into ``detector`` (whose attributes are ``backbone``, ``neck``, ``rpn_head``,
@@ -159,15 +158,16 @@ def load_mmdet_checkpoint(detector: nn.Module, path_or_state_dict: str | PathLik
     if any(k.startswith("module.") for k in sd):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     sd = convert_mmdet_state_dict(sd, checkpoint_format)
-    if hasattr(detector, "convert_checkpoint_keys"):
-        sd = detector.convert_checkpoint_keys(sd)
+    sd = detector.convert_checkpoint_keys(sd)
     own = detector.state_dict()
-    report = LoadReport(num_classes=getattr(getattr(detector, "roi_head", None), "num_classes", None),
+    report = LoadReport(num_classes=None if detector.roi_head is None else detector.num_classes,
                         checkpoint_num_classes=checkpoint_num_classes(sd))
     report.missing = sorted(k for k in own if k not in sd)
     report.unexpected = sorted(k for k in sd if k not in own)
     differ = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
-    report.reinitialised = [k for k in differ if reinit_class_layers and _class_count_only(k, sd[k], own[k])]
+    class_sized = detector.class_sized_parameters
+    report.reinitialised = [k for k in differ
+                            if reinit_class_layers and _class_count_only(k, sd[k], own[k], class_sized)]
     report.mismatched = [k for k in differ if k not in report.reinitialised]
     if strict and not report.ok:
         raise ValueError("mmdet checkpoint does not match the detector:\n"
@@ -181,7 +181,7 @@ def load_mmdet_checkpoint(detector: nn.Module, path_or_state_dict: str | PathLik
     return report
 
 
-def load_weights(detector: nn.Module, path: str | PathLike, checkpoint_format: Literal["v2", "v1"] = "v2",
+def load_weights(detector: Detector, path: str | PathLike, checkpoint_format: Literal["v2", "v1"] = "v2",
                  allow_new_classes: bool = True) -> LoadReport:
     """``DetectionModule(load_from=...)``: initialise ``detector`` from an mmdet (v1/v2/v3) or our own checkpoint.
 

@@ -1,9 +1,11 @@
 """The two-stage detector: backbone -> FPN -> proposal generator -> RoI head.
 
-A plain ``nn.Module`` usable without Lightning. Every part is a constructor argument, so YAML picks
-them by ``class_path`` (plain RPN or GA-RPN; HTC, Cascade or Mask R-CNN RoI head; a timm backbone or
-FishNet). Attribute names are mmdet's (``backbone``, ``neck``, ``rpn_head``, ``roi_head``) so that
-model-zoo checkpoints map onto them key for key.
+A plain ``nn.Module`` usable without Lightning, and the one place that wires the parts: it builds the neck
+from the backbone's :class:`FeatureSpec`, then the proposal generator and the RoI head from the neck's, with
+the class count (see ``interfaces.py``). YAML picks every part by ``class_path`` (plain RPN or GA-RPN; HTC,
+Cascade or Mask R-CNN RoI head; a timm backbone or FishNet) and gives only its own settings. Attribute names
+are mmdet's (``backbone``, ``neck``, ``rpn_head``, ``roi_head``) so that model-zoo checkpoints map onto them
+key for key.
 """
 from __future__ import annotations
 
@@ -12,39 +14,55 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..structures import Detections, ImageMeta, to_original_frame
-from .proposals.base import ProposalGenerator
+from .interfaces import (
+    Backbone,
+    FeatureSpec,
+    Neck,
+    NeckFactory,
+    ProposalGenerator,
+    ProposalGeneratorFactory,
+    RoIHead,
+    RoIHeadFactory,
+    check_part,
+)
 
 
 class Detector(nn.Module):
     """Args:
-        backbone: returns a list of feature maps and exposes ``out_channels``/``strides``.
-        neck: the FPN.
-        rpn_head: a :class:`ProposalGenerator` (``RPN`` or ``GARPN``).
-        roi_head: the second stage; ``None`` makes a proposal-only model (e.g. GA-RPN alone), whose
-            ``predict`` returns the proposals as class-0 detections.
+        backbone: a :class:`Backbone` (feature maps, ``out_channels``, ``strides``).
+        neck: builds the :class:`Neck` for the backbone's spec (``FPN``).
+        rpn_head: builds the :class:`ProposalGenerator` for the neck's spec (``RPN`` or ``GARPN``).
+        roi_head: builds the :class:`RoIHead` for the neck's spec and ``num_classes``; ``None`` makes a
+            proposal-only model (e.g. GA-RPN alone), whose ``predict`` returns the proposals as class-0 detections.
+        num_classes: object classes, background not counted; the CLI links it from the data module.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, rpn_head: ProposalGenerator,
-                 roi_head: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, neck: NeckFactory, rpn_head: ProposalGeneratorFactory,
+                 roi_head: RoIHeadFactory | None = None, num_classes: int = 80) -> None:
+        # neck and rpn_head have no default class: jsonargparse would carry a default's init_args over to
+        # another class_path that shares their names (RPN's allowed_border into GARPN's)
         super().__init__()
-        if hasattr(neck, "bind"):
-            neck.bind(backbone.out_channels, backbone.strides)
-        self.backbone = backbone
-        self.neck = neck
-        self.rpn_head = rpn_head
-        self.roi_head = roi_head
-
-    @property
-    def num_classes(self) -> int:
-        return int(getattr(self.roi_head, "num_classes", 1))
+        if num_classes < 1:
+            raise ValueError(f"Detector: num_classes must be at least 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.backbone = check_part(backbone, Backbone, "backbone")
+        self.neck = check_part(neck(FeatureSpec(backbone.out_channels, backbone.strides, num_classes)), Neck, "neck")
+        spec = FeatureSpec((self.neck.out_channels,) * len(self.neck.strides), self.neck.strides, num_classes)
+        self.rpn_head = check_part(rpn_head(spec), ProposalGenerator, "rpn_head")
+        self.roi_head = None if roi_head is None else check_part(roi_head(spec), RoIHead, "roi_head")
 
     @property
     def with_mask(self) -> bool:
-        return bool(getattr(self.roi_head, "with_mask", False))
+        return self.roi_head is not None and self.roi_head.with_mask
 
     @property
     def with_semantic(self) -> bool:
-        return getattr(self.roi_head, "semantic_head", None) is not None
+        return self.roi_head is not None and self.roi_head.with_semantic
+
+    @property
+    def class_sized_parameters(self) -> tuple[str, ...]:
+        """State-dict names of the tensors whose first dimension counts classes."""
+        return () if self.roi_head is None else tuple(f"roi_head.{n}" for n in self.roi_head.class_sized_parameters)
 
     def extract_feats(self, images: Tensor) -> list[Tensor]:
         # named scopes give benchmarks/profile_htc.py its per-part table; they cost nothing unprofiled
@@ -59,8 +77,9 @@ class Detector(nn.Module):
 
     def loss(self, images: Tensor, targets: list[dict], metrics: dict[str, Tensor] | None = None
              ) -> dict[str, Tensor]:
-        """Training losses, all of them to be summed; ``metrics``, when given, receives the detached values that
-        are watched but not optimised (the RoI head's box accuracies ``s{t}.acc``)."""
+        """Training losses, all of them to be summed, with the generator's training settings whether the module
+        is in train or eval mode; ``metrics``, when given, receives the detached values that are watched but not
+        optimised (the RoI head's box accuracies ``s{t}.acc``)."""
         feats = self.extract_feats(images)
         img_sizes = [tuple(t["meta"]["img_size"]) for t in targets]
         with record_function("rpn_head"):
@@ -70,19 +89,20 @@ class Detector(nn.Module):
             # the RPN's proposals are targets-independent inputs of the second stage: no gradient
             # flows back through them (mmdet detaches the scores and deltas it decodes)
             with torch.no_grad(), record_function("rpn_proposals"):
-                proposals = self.rpn_head.proposals(raw, img_sizes)
+                proposals = self.rpn_head.proposals(raw, img_sizes, self.rpn_head.train_settings)
             with record_function("roi_head"):
                 losses.update(self.roi_head.loss(feats, proposals, targets, metrics=metrics))
         return losses
 
     @torch.no_grad()
     def predict(self, images: Tensor, metas: list[ImageMeta]) -> list[Detections]:
+        """Detections in the original frame, with the generator's test settings."""
         feats = self.extract_feats(images)
         img_sizes = [tuple(m["img_size"]) for m in metas]
         with record_function("rpn_head"):
             raw = self.rpn_head(feats)
         with record_function("rpn_proposals"):
-            proposals = self.rpn_head.proposals(raw, img_sizes)
+            proposals = self.rpn_head.proposals(raw, img_sizes, self.rpn_head.test_settings)
         if self.roi_head is None:
             return [proposals_to_detections(p, m) for p, m in zip(proposals, metas)]
         with record_function("roi_head"):

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..checkpoints.mmdet import load_mmdet_checkpoint
 from ..models.detector import Detector, proposals_to_detections
+from ..models.interfaces import ProposalGenerator, ProposalSettings
 from ..structures import ImageMeta
 from .compare import SCORE_TOL, Diff, compare_kept_sets, diff, mask_iou, score_tolerance, threshold_flips
 
@@ -125,10 +126,10 @@ def _logit(p: float) -> float:
 
 
 def compare_raw(rep: Report, head: torch.nn.Module, raw, ref_raw, ref_config: str = "") -> None:
-    """Raw proposal-head outputs per level. GA-RPN zeroes its cls/reg maps where ``sigmoid(loc)`` is below
-    ``loc_filter_thr`` (ours, and the reference's from its config): those maps are compared where both sides
-    took the same decision, and every flipped location must be a near-tie (the reference's loc logit within
-    float tolerance of its threshold's logit)."""
+    """Raw proposal-head outputs per level. At test time mmdet's GA-RPN zeroes its cls/reg maps where
+    ``sigmoid(loc)`` is below ``loc_filter_thr`` (its MaskedConv2d; ours reads only the kept locations, so ours
+    are zeroed alike here): those maps are compared where both sides took the same decision, and every flipped
+    location must be a near-tie (the reference's loc logit within float tolerance of its threshold's logit)."""
     thr = getattr(head, "loc_filter_thr", None)
     agree = None
     if thr is not None and len(raw) == len(ref_raw) == 4:
@@ -143,16 +144,20 @@ def compare_raw(rep: Report, head: torch.nn.Module, raw, ref_raw, ref_config: st
     for k, (ours_lvls, ref_lvls) in enumerate(zip(raw, ref_raw)):
         for lvl, (o, r) in enumerate(zip(ours_lvls, ref_lvls)):
             masked = agree is not None and k in (0, 1)
+            if masked:
+                o = o * head.location_mask(raw[3][lvl], location_filter=True).to(o.dtype)
             where = agree[lvl].expand_as(r) if masked and o.shape == r.shape else None
             rep.floats(f"rpn_raw[{k}] level {lvl}", diff(o, r, where=where),
                        " where both filter alike" if where is not None and not bool(where.all()) else "")
 
 
-def compare_proposals(rep: Report, head: torch.nn.Module, props: list[Tensor], ref: list[Tensor],
-                      ref_cls_logits: list[Tensor] | None = None, prefix: str = "") -> None:
-    """Proposal sets as sets (ties may reorder), tie-aware for the head's NMS and its per-image cut; scores
-    agree within what float rounding of the reference's objectness logits allows."""
-    max_per_img = head.train_max_per_img if head.training else head.test_max_per_img
+def compare_proposals(rep: Report, head: ProposalGenerator, props: list[Tensor], ref: list[Tensor],
+                      ref_cls_logits: list[Tensor] | None = None, prefix: str = "",
+                      settings: ProposalSettings | None = None) -> None:
+    """Proposal sets as sets (ties may reorder), tie-aware for the head's NMS and its per-image cut (of
+    ``settings``, default the test settings); scores agree within what float rounding of the reference's
+    objectness logits allows."""
+    max_per_img = (settings or head.test_settings).max_per_img
     score_tol = SCORE_TOL if not ref_cls_logits else score_tolerance(
         max(float(t.abs().max()) for t in ref_cls_logits if t.numel()), slope=0.25)
     for i, (p, r) in enumerate(zip(props, ref)):
@@ -176,7 +181,7 @@ def compare_inference(det: Detector, dump: dict, rep: Report, device: str = "cpu
         # proposals from the reference's raw outputs, so that a near-tie of the location filter (compared
         # above) does not cascade into the proposal sets
         ref_raw = tuple([t.float().to(device) for t in lvls] for lvls in dump["rpn_raw"])
-        props = det.rpn_head.proposals(ref_raw, img_sizes)
+        props = det.rpn_head.proposals(ref_raw, img_sizes, det.rpn_head.test_settings)
         ref_props = [r.float() for r in dump["proposals"]]
         if det.roi_head is None:
             # mmdet's proposal-only detector rescales its proposals to the original image
@@ -258,9 +263,10 @@ def compare_losses(det: Detector, dump: dict, rep: Report, device: str = "cpu") 
     losses = dict(det.rpn_head.loss(raw, [target], img_sizes))
     if det.roi_head is not None:
         with torch.no_grad():
-            props = det.rpn_head.proposals(raw, img_sizes)
+            props = det.rpn_head.proposals(raw, img_sizes, det.rpn_head.train_settings)
         if "proposals" in dump:
-            compare_proposals(rep, det.rpn_head, props, [p.float() for p in dump["proposals"]], prefix="training ")
+            compare_proposals(rep, det.rpn_head, props, [p.float() for p in dump["proposals"]], prefix="training ",
+                              settings=det.rpn_head.train_settings)
             props = [p.float().to(device) for p in dump["proposals"]]
         else:
             rep.check("training proposals", True, "not in this dump (tests/fixtures/oracle/add_loss_proposals.py "

@@ -1,8 +1,8 @@
-"""What the plain RPN and GA-RPN share: the detector-facing interface and the anchor-target step
-(assign, sample, encode) of mmdet's ``AnchorHead._get_targets_single``."""
+"""What the plain RPN and GA-RPN share: the anchor-target step (assign, sample, encode) of mmdet's
+``AnchorHead._get_targets_single`` and the objectness / delta losses. Their interface is
+``interfaces.ProposalGenerator``."""
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -12,23 +12,6 @@ from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.samplers import RandomSampler
-
-
-class ProposalGenerator(Protocol):
-    """The interface the Detector calls (see DESIGN.md "Interfaces between the parts")."""
-
-    training: bool
-
-    def forward(self, feats: list[Tensor]) -> Any: ...
-
-    def loss(self, raw: Any, targets: list[dict], img_sizes: list[tuple[int, int]]) -> dict[str, Tensor]: ...
-
-    def proposals(self, raw: Any, img_sizes: list[tuple[int, int]]) -> list[Tensor]: ...
-
-    def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
-        """Test-time augmentation: several views' (N_v, 5) test proposals of one image, mapped into one frame,
-        merged with the generator's own test NMS settings (``postprocess.merge_view_proposals``)."""
-        ...
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Guided Anchoring RPN (Wang et al., "Region Proposal by Guided Anchoring", CVPR 2019) with mmdetection
 3.3.0's ``GARPNHead`` behaviour and parameter names. The location/shape targets live in ``ga_targets.py``.
 
-mmdet's ``MaskedConv2d`` only handles one image; here ``conv_cls``/``conv_reg`` run densely and the
-test-time location mask zeroes the rest, which gives the same numbers for any batch size.
+mmdet's ``MaskedConv2d`` only handles one image; here ``conv_cls``/``conv_reg`` run densely and
+``proposals`` with the location filter on (the test settings) reads them only where the location probability
+reaches ``loc_filter_thr``, which gives the same proposals for any batch size.
 """
 import math
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..interfaces import FeatureSpec, ProposalSettings
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
@@ -52,7 +54,9 @@ class GARPN(nn.Module):
     (B, 1, H, W), (B, 4, H, W), (B, 2, H, W), (B, 1, H, W) (mmdet's order).
 
     Args (mmdet's ``ga-rpn_r50_fpn_1x_coco`` names and defaults):
-        strides, octave_base_scale, scales_per_octave, approx_ratios: the approx anchors (9 per location) that
+        input: the pyramid it runs on (the Detector passes the neck's widths and strides).
+        strides: of the anchors; default the input's.
+        octave_base_scale, scales_per_octave, approx_ratios: the approx anchors (9 per location) that
             score a shape and the squares (one per location) that the predicted shape scales; the location
             targets use the same strides and base scale.
         assigner, sampler: the guided anchors' objectness targets (``MaxIoUAssigner(0.7, 0.3, 0.3)``,
@@ -62,10 +66,12 @@ class GARPN(nn.Module):
         anchor_coder: squares -> guided anchors (stds 0.07/0.14, no ratio clip); box_coder: guided anchors ->
             proposals (stds 0.07/0.11).
         invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; HTC_GA_NOTES.md).
+        train_* / test_*: :attr:`train_settings` / :attr:`test_settings` (the location filter only at test), which
+            the caller hands to :meth:`proposals`.
     """
 
-    def __init__(self, in_channels: int = 256, feat_channels: int = 256,
-                 strides: Sequence[int] = (4, 8, 16, 32, 64), octave_base_scale: int = 8, scales_per_octave: int = 3,
+    def __init__(self, input: FeatureSpec, feat_channels: int = 256,
+                 strides: Sequence[int] | None = None, octave_base_scale: int = 8, scales_per_octave: int = 3,
                  approx_ratios: Sequence[float] = (0.5, 1.0, 2.0), deform_groups: int = 4,
                  assigner: MaxIoUAssigner | None = None, sampler: RandomSampler | None = None,
                  ga_assigner: ApproxMaxIoUAssigner | None = None, ga_sampler: RandomSampler | None = None,
@@ -79,14 +85,15 @@ class GARPN(nn.Module):
                  test_nms_pre: int = 2000, test_nms_post: int = 1000, test_max_per_img: int = 1000,
                  nms_iou: float = 0.7, min_bbox_size: float = 0.0) -> None:
         super().__init__()
-        self.strides = tuple(strides)
+        self.strides = tuple(input.strides if strides is None else strides)
+        strides = self.strides
         self.octave_base_scale = octave_base_scale
         self.approx_generator = AnchorGenerator(strides, approx_ratios, octave_base_scale=octave_base_scale,
                                                 scales_per_octave=scales_per_octave)
         self.square_generator = AnchorGenerator(strides, (1.0,), scales=(octave_base_scale,))
         self.approxs_per_octave = self.approx_generator.num_base_anchors
 
-        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_conv = nn.Conv2d(input.width, feat_channels, 3, padding=1)
         self.conv_loc = nn.Conv2d(feat_channels, 1, 1)
         self.conv_shape = nn.Conv2d(feat_channels, 2, 1)
         self.feature_adaption = FeatureAdaption(feat_channels, feat_channels, 3, deform_groups)
@@ -113,9 +120,8 @@ class GARPN(nn.Module):
         self.loss_shape_weight, self.bounded_iou_beta = loss_shape_weight, bounded_iou_beta
         self.loss_cls_weight, self.loss_bbox_weight = loss_cls_weight, loss_bbox_weight
         self.smooth_l1_beta = smooth_l1_beta
-        self.train_nms_pre, self.train_nms_post, self.train_max_per_img = train_nms_pre, train_nms_post, \
-            train_max_per_img
-        self.test_nms_pre, self.test_nms_post, self.test_max_per_img = test_nms_pre, test_nms_post, test_max_per_img
+        self.train_settings = ProposalSettings(train_nms_pre, train_max_per_img, train_nms_post)
+        self.test_settings = ProposalSettings(test_nms_pre, test_max_per_img, test_nms_post, location_filter=True)
         self.nms_iou = nms_iou
         self.min_bbox_size = min_bbox_size
 
@@ -126,21 +132,17 @@ class GARPN(nn.Module):
             loc = self.conv_loc(x)
             shape = self.conv_shape(x)
             x = self.feature_adaption(x, shape)
-            cls, reg = self.conv_cls(x), self.conv_reg(x)
-            if not self.training:  # mmdet's MaskedConv2d: zero outside the kept locations
-                mask = self.location_mask(loc).to(cls.dtype)
-                cls, reg = cls * mask, reg * mask
-            cls_scores.append(cls)
-            bbox_preds.append(reg)
+            cls_scores.append(self.conv_cls(x))
+            bbox_preds.append(self.conv_reg(x))
             shape_preds.append(shape)
             loc_preds.append(loc)
         return cls_scores, bbox_preds, shape_preds, loc_preds
 
-    def location_mask(self, loc: Tensor) -> Tensor:
-        """Bool, the shape of the location logits ``loc``: the locations that take part. At test time those whose
-        probability reaches ``loc_filter_thr`` (the paper's location filter), in training all (mmdet's
-        ``use_loc_filter = not training``, and ``sigmoid >= 0.0`` otherwise)."""
-        return loc.detach().sigmoid() >= (0.0 if self.training else self.loc_filter_thr)
+    def location_mask(self, loc: Tensor, location_filter: bool) -> Tensor:
+        """Bool, the shape of the location logits ``loc``: the locations that take part. With the filter (test
+        settings) those whose probability reaches ``loc_filter_thr`` (the paper's location filter), else all
+        (mmdet's ``use_loc_filter = not training``, and ``sigmoid >= 0.0`` otherwise)."""
+        return loc.detach().sigmoid() >= (self.loc_filter_thr if location_filter else 0.0)
 
     def guided_anchors(self, squares: Tensor, shape_pred: Tensor) -> Tensor:
         """Squares (N, 4) scaled by the predicted (dw, dh) of shape (N, 2), centres kept; no gradient."""
@@ -203,19 +205,17 @@ class GARPN(nn.Module):
                 "loss_anchor_loc": self.loss_loc_weight * loss_loc}
 
     @torch.no_grad()
-    def proposals(self, raw: GARaw, img_sizes: list[tuple[int, int]]) -> list[Tensor]:
+    def proposals(self, raw: GARaw, img_sizes: list[tuple[int, int]], settings: ProposalSettings) -> list[Tensor]:
         cls_scores, bbox_preds, shape_preds, loc_preds = raw
-        if self.training:
-            nms_pre, nms_post, max_per_img = self.train_nms_pre, self.train_nms_post, self.train_max_per_img
-        else:
-            nms_pre, nms_post, max_per_img = self.test_nms_pre, self.test_nms_post, self.test_max_per_img
+        nms_pre, max_per_img = settings.nms_pre, settings.max_per_img
+        nms_post = settings.nms_post if settings.nms_post is not None else settings.max_per_img
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         squares = self.square_generator.grid_anchors(sizes, cls_scores[0].device)
         results = []
         for b, img_size in enumerate(img_sizes):
             per_level = []
             for cls, reg, shape, loc, sq in zip(cls_scores, bbox_preds, shape_preds, loc_preds, squares, strict=True):
-                keep = self.location_mask(loc[b, 0]).reshape(-1)
+                keep = self.location_mask(loc[b, 0], settings.location_filter).reshape(-1)
                 if not exporting() and not bool(keep.any()):  # a graph runs the level's empty selection
                     continue
                 scores = cls[b, 0].detach().reshape(-1)[keep].sigmoid()
@@ -238,5 +238,6 @@ class GARPN(nn.Module):
 
     def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
         """Several views' test proposals of one image, in one frame -> one set, with this head's test settings
-        (``nms_iou``, ``test_max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from ``rpn.test_cfg``."""
-        return merge_view_proposals(proposals, self.nms_iou, self.test_max_per_img)
+        (``nms_iou``, ``test_settings.max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from
+        ``rpn.test_cfg``."""
+        return merge_view_proposals(proposals, self.nms_iou, self.test_settings.max_per_img)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..interfaces import FeatureSpec, ProposalSettings
 from ..layers.anchors import AnchorGenerator
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
@@ -27,15 +28,18 @@ class RPN(nn.Module):
     ``forward(feats) -> (cls_scores, bbox_preds)``, lists over levels of (B, A, H, W) and (B, 4A, H, W).
 
     Args (mmdet's names and defaults, from the HTC / Cascade configs):
-        anchor_generator: default 3 ratios (0.5, 1, 2) of scale 8 on strides 4-64.
+        input: the pyramid it runs on (the Detector passes the neck's widths and strides).
+        anchor_generator: default 3 ratios (0.5, 1, 2) of scale 8 on the input's strides (4-64 for the FPN).
         assigner: default ``MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3)``.
         sampler: default ``RandomSampler(256, 0.5)`` without gt boxes as proposals (``num: null`` keeps every
             positive and negative anchor, as mmdet with a huge budget).
         box_coder: the delta coder, default ``BoxCoder()`` (means 0, stds 1).
         bbox_loss: "smooth_l1" (beta ``smooth_l1_beta``, HTC/Cascade) or "l1" (Mask R-CNN).
+        train_nms_pre, train_max_per_img / test_nms_pre, test_max_per_img: :attr:`train_settings` /
+            :attr:`test_settings`, which the caller hands to :meth:`proposals`.
     """
 
-    def __init__(self, in_channels: int = 256, feat_channels: int = 256,
+    def __init__(self, input: FeatureSpec, feat_channels: int = 256,
                  anchor_generator: AnchorGenerator | None = None, assigner: MaxIoUAssigner | None = None,
                  sampler: RandomSampler | None = None, box_coder: BoxCoder | None = None, allowed_border: int = 0,
                  loss_cls_weight: float = 1.0, loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0 / 9.0,
@@ -48,10 +52,10 @@ class RPN(nn.Module):
             raise ValueError(f"RPN: bbox_loss {bbox_loss!r} is not 'smooth_l1' (HTC/Cascade) or 'l1' (Mask R-CNN)")
         self.bbox_loss = bbox_loss
         if anchor_generator is None:
-            anchor_generator = AnchorGenerator((4, 8, 16, 32, 64), (0.5, 1.0, 2.0), scales=(8,))
+            anchor_generator = AnchorGenerator(input.strides, (0.5, 1.0, 2.0), scales=(8,))
         self.anchor_generator = anchor_generator
         self.num_anchors = self.anchor_generator.num_base_anchors
-        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_conv = nn.Conv2d(input.width, feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
         for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):  # mmdet: Normal(std=0.01) on every Conv2d
@@ -65,8 +69,8 @@ class RPN(nn.Module):
         self.loss_cls_weight = loss_cls_weight
         self.loss_bbox_weight = loss_bbox_weight
         self.smooth_l1_beta = smooth_l1_beta
-        self.train_nms_pre, self.train_max_per_img = train_nms_pre, train_max_per_img
-        self.test_nms_pre, self.test_max_per_img = test_nms_pre, test_max_per_img
+        self.train_settings = ProposalSettings(train_nms_pre, train_max_per_img)
+        self.test_settings = ProposalSettings(test_nms_pre, test_max_per_img)
         self.nms_iou = nms_iou
         self.min_bbox_size = min_bbox_size
 
@@ -94,10 +98,10 @@ class RPN(nn.Module):
         return {"loss_rpn_cls": self.loss_cls_weight * loss_cls, "loss_rpn_bbox": self.loss_bbox_weight * loss_bbox}
 
     @torch.no_grad()
-    def proposals(self, raw: tuple[list[Tensor], list[Tensor]], img_sizes: list[tuple[int, int]]) -> list[Tensor]:
+    def proposals(self, raw: tuple[list[Tensor], list[Tensor]], img_sizes: list[tuple[int, int]],
+                  settings: ProposalSettings) -> list[Tensor]:
         cls_scores, bbox_preds = raw
-        nms_pre = self.train_nms_pre if self.training else self.test_nms_pre
-        max_per_img = self.train_max_per_img if self.training else self.test_max_per_img
+        nms_pre, max_per_img = settings.nms_pre, settings.max_per_img
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         anchors = self.anchor_generator.grid_anchors(sizes, cls_scores[0].device)
         # the per-level score ranking of all images at once (a sort per row), then decode and NMS per image
@@ -124,5 +128,6 @@ class RPN(nn.Module):
 
     def merge_proposals(self, proposals: Sequence[Tensor]) -> Tensor:
         """Several views' test proposals of one image, in one frame -> one set, with this RPN's test settings
-        (``nms_iou``, ``test_max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from ``rpn.test_cfg``."""
-        return merge_view_proposals(proposals, self.nms_iou, self.test_max_per_img)
+        (``nms_iou``, ``test_settings.max_per_img``), as mmdet's ``merge_aug_proposals`` reads them from
+        ``rpn.test_cfg``."""
+        return merge_view_proposals(proposals, self.nms_iou, self.test_settings.max_per_img)

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..interfaces import FeatureSpec
 from ..layers.box_coder import BoxCoder
 from ..layers.losses import cross_entropy, l1_loss, smooth_l1_loss
 from ..layers.samplers import SamplingResult
@@ -19,12 +20,13 @@ class Shared2FCBBoxHead(nn.Module):
     cascade heads) or 4 per class (Mask R-CNN's head; the deltas of the gt / predicted class are used).
 
     Args:
+        input: the pyramid's width and the class count (the RoI head passes its own spec).
         target_means, target_stds: the stage's delta normalisation (``DeltaXYWHBBoxCoder``); Cascade R-CNN
             tightens the stds per stage because the refined boxes are closer to their targets.
         bbox_loss: "smooth_l1" (beta ``smooth_l1_beta``; the cascade configs) or "l1" (mmdet's Faster/Mask R-CNN).
     """
 
-    def __init__(self, num_classes: int = 80, in_channels: int = 256, roi_feat_size: int = 7,
+    def __init__(self, input: FeatureSpec, roi_feat_size: int = 7,
                  fc_out_channels: int = 1024, target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
                  target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2), loss_cls_weight: float = 1.0,
                  loss_bbox_weight: float = 1.0, smooth_l1_beta: float = 1.0, reg_class_agnostic: bool = True,
@@ -35,6 +37,7 @@ class Shared2FCBBoxHead(nn.Module):
                              "must have 4 values (dx, dy, dw, dh)")
         if bbox_loss not in ("smooth_l1", "l1"):
             raise ValueError(f"Shared2FCBBoxHead: bbox_loss {bbox_loss!r} is not 'smooth_l1' or 'l1'")
+        num_classes, in_channels = input.num_classes, input.width
         self.num_classes = num_classes
         self.bbox_loss = bbox_loss
         self.shared_fcs = nn.ModuleList([nn.Linear(in_channels * roi_feat_size * roi_feat_size, fc_out_channels),
@@ -42,6 +45,9 @@ class Shared2FCBBoxHead(nn.Module):
         self.fc_cls = nn.Linear(fc_out_channels, num_classes + 1)
         self.reg_class_agnostic = reg_class_agnostic
         self.fc_reg = nn.Linear(fc_out_channels, 4 if reg_class_agnostic else 4 * num_classes)
+        # the tensors whose first dimension counts classes: what fine-tuning on other classes re-initialises
+        self.class_sized_parameters = ("fc_cls.weight", "fc_cls.bias") + (
+            () if reg_class_agnostic else ("fc_reg.weight", "fc_reg.bias"))
         self.coder = BoxCoder(target_means, target_stds)
         self.loss_cls_weight = loss_cls_weight
         self.loss_bbox_weight = loss_bbox_weight

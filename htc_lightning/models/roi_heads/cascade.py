@@ -1,5 +1,5 @@
 """The cascade RoI head: Cascade Mask R-CNN (Cai & Vasconcelos) with Hybrid Task Cascade's flags (Chen et al.,
-CVPR 2019; with its defaults it is HTC), or with ``num_stages=1`` Mask R-CNN. HTC's ablation ladder is a set of
+CVPR 2019), or with ``num_stages=1`` Mask R-CNN. HTC's ablation ladder is a set of
 flags:
 
     Cascade Mask R-CNN   interleaved=False, mask_info_flow=False, semantic_head=None
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ...structures import Detections, ImageMeta, to_original_frame
+from ..interfaces import FeatureSpec
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.masks import paste_masks
 from ..layers.nms import multiclass_nms
@@ -36,30 +37,36 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     return torch.cat(rois) if rois else torch.zeros(0, 5)
 
 
-# The parts a researcher swaps, as factories: the RoI head calls them once per stage with what only it knows
-# (the class count, the input width, the stage's settings), so YAML gives a ``class_path`` and the head's own
-# ``init_args`` and never repeats the data's class count (jsonargparse binds the remaining arguments).
-BBoxHeadFactory = Callable[[int, int], Shared2FCBBoxHead]
-"""``(num_classes, in_channels, *, roi_feat_size, target_stds) -> box head`` of one stage."""
-MaskHeadFactory = Callable[[int, int], FCNMaskHead]
-"""``(num_classes, in_channels, *, with_conv_res) -> mask head`` of one stage."""
+# The parts a researcher swaps, as factories: the RoI head calls them with its own FeatureSpec (the pyramid's
+# width and strides, the class count) and what only it knows per stage, so YAML gives a ``class_path`` and the
+# part's own ``init_args`` and never repeats the data's class count or the neck's width.
+BBoxHeadFactory = Callable[[FeatureSpec], Shared2FCBBoxHead]
+"""``(spec, *, roi_feat_size, target_stds) -> box head`` of one stage."""
+MaskHeadFactory = Callable[[FeatureSpec], FCNMaskHead]
+"""``(spec, *, with_conv_res) -> mask head`` of one stage."""
+SemanticHeadFactory = Callable[[FeatureSpec], FusedSemanticHead]
+"""``(spec) -> semantic branch`` over the pyramid."""
 AssignerFactory = Callable[[float, float], MaxIoUAssigner]
 """``(pos_iou_thr, neg_iou_thr, *, min_pos_iou) -> assigner`` of one stage (all three are the stage's IoU)."""
 
 
 class CascadeRoIHead(nn.Module):
-    """Args (mmdet's names and defaults; ``htc_r50_fpn_1x_coco`` sets ``score_thr=0.001``):
+    """With its defaults Cascade Mask R-CNN; HTC sets ``interleaved``, ``mask_info_flow`` and ``semantic_head``.
+
+    Args (mmdet's names and defaults; ``htc_r50_fpn_1x_coco`` sets ``score_thr=0.001``):
+        input: the pyramid and the class count (the Detector passes them); every part below is built for it.
         num_stages, stage_loss_weights, iou_thresholds, target_stds: one entry per cascade stage (assigner
             IoU for pos = neg = min_pos, box-delta stds, weight on that stage's box and mask losses).
         bbox_head: builds each stage's box head (default ``Shared2FCBBoxHead``; its ``init_args`` set the fc
             width, loss weights, ``reg_class_agnostic``, ``bbox_loss``); called with the stage's ``target_stds``
-            and the box RoI extractor's ``roi_feat_size``.
+            and the box RoI extractor's ``roi_feat_size``; ``num_classes`` comes from ``input``.
         mask_head: builds each stage's mask head (default ``FCNMaskHead``), called with
             ``with_conv_res = mask_info_flow and stage > 0``; ``None`` makes a box-only cascade.
-        semantic_head: the fused semantic branch (HTC Sec. 3.3); its feature, RoIAligned at ``semantic_stride``,
+        semantic_head: builds the fused semantic branch (HTC Sec. 3.3; its own ``num_classes`` count the stuff
+            map's labels); its feature, RoIAligned at ``semantic_stride``,
             is added to the box (avg-pooled to the box RoI size) and/or mask RoI features per ``semantic_fusion``.
-        bbox_roi_extractor, mask_roi_extractor: RoIAlign over the FPN levels; default 7x7 and 14x14 on strides
-            4-32 (mmdet's ``SingleRoIExtractor``).
+        bbox_roi_extractor, mask_roi_extractor: RoIAlign over the pyramid levels; default 7x7 and 14x14 on the
+            input's four finest strides, 4-32 for the FPN (mmdet's ``SingleRoIExtractor``).
         assigner: builds each stage's assigner with the stage's IoU threshold (default ``MaxIoUAssigner``; set
             ``match_low_quality``/``ignore_iof_thr`` in its ``init_args``). mmdet's HTC configs leave
             ``match_low_quality`` True, its Cascade Mask R-CNN configs set False; ``ignore_iof_thr`` -1 (mmdet's
@@ -74,18 +81,18 @@ class CascadeRoIHead(nn.Module):
         nms_type: "nms", "soft_nms_linear" or "soft_nms_gaussian" (the COCO 2018 entry used Soft-NMS).
     """
 
-    def __init__(self, num_classes: int = 80, in_channels: int = 256, num_stages: int = 3,
+    def __init__(self, input: FeatureSpec, num_stages: int = 3,
                  stage_loss_weights: Sequence[float] = (1, 0.5, 0.25),
                  iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
                  target_stds: Sequence[Sequence[float]] = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                                           (0.033, 0.033, 0.067, 0.067)),
                  bbox_head: BBoxHeadFactory = Shared2FCBBoxHead,
                  mask_head: MaskHeadFactory | None = FCNMaskHead,
-                 semantic_head: FusedSemanticHead | None = None,
+                 semantic_head: SemanticHeadFactory | None = None,
                  bbox_roi_extractor: MultiLevelRoIAlign | None = None,
                  mask_roi_extractor: MultiLevelRoIAlign | None = None,
                  assigner: AssignerFactory = MaxIoUAssigner, sampler: RandomSampler | None = None,
-                 interleaved: bool = True, mask_info_flow: bool = True,
+                 interleaved: bool = False, mask_info_flow: bool = False,
                  semantic_fusion: tuple[str, ...] = ("bbox", "mask"), semantic_stride: int = 8,
                  mask_merge: Literal["mean", "last"] = "mean",
                  score_thr: float = 0.05, nms_iou: float = 0.5, max_per_img: int = 100, mask_thr: float = 0.5,
@@ -105,7 +112,7 @@ class CascadeRoIHead(nn.Module):
         unknown = set(semantic_fusion) - {"bbox", "mask"}
         if unknown:
             raise ValueError(f"CascadeRoIHead: semantic_fusion {tuple(semantic_fusion)} may only hold 'bbox'/'mask'")
-        self.num_classes = num_classes
+        self.num_classes = input.num_classes
         self.num_stages = num_stages
         self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
@@ -118,35 +125,33 @@ class CascadeRoIHead(nn.Module):
         self.mask_thr, self.nms_type = mask_thr, nms_type
         self.soft_nms_sigma, self.soft_nms_min_score = soft_nms_sigma, soft_nms_min_score
 
+        roi_strides = input.strides[:4]
         if bbox_roi_extractor is None:
-            bbox_roi_extractor = MultiLevelRoIAlign(7, (4, 8, 16, 32))
+            bbox_roi_extractor = MultiLevelRoIAlign(7, roi_strides)
         self.bbox_roi_extractor = bbox_roi_extractor
         roi_feat_size = self.bbox_roi_extractor.output_size
-        self.bbox_head = nn.ModuleList(bbox_head(num_classes, in_channels, roi_feat_size=roi_feat_size,
-                                                 target_stds=tuple(stds)) for stds in target_stds)
-        self._check_num_classes("bbox_head", self.bbox_head)
+        self.bbox_head = nn.ModuleList(bbox_head(input, roi_feat_size=roi_feat_size, target_stds=tuple(stds))
+                                       for stds in target_stds)
         if with_mask:
             if mask_roi_extractor is None:
-                mask_roi_extractor = MultiLevelRoIAlign(14, (4, 8, 16, 32))
+                mask_roi_extractor = MultiLevelRoIAlign(14, roi_strides)
             self.mask_roi_extractor = mask_roi_extractor
             # HTC's first mask head has no predecessor, hence no conv_res (mmdet: with_conv_res=False)
-            self.mask_head = nn.ModuleList(mask_head(num_classes, in_channels, with_conv_res=mask_info_flow and t > 0)
+            self.mask_head = nn.ModuleList(mask_head(input, with_conv_res=mask_info_flow and t > 0)
                                            for t in range(num_stages))
-            self._check_num_classes("mask_head", self.mask_head)
-        if semantic_head is not None:
+        self.semantic_head = None if semantic_head is None else semantic_head(input)
+        self.with_semantic = self.semantic_head is not None
+        if self.with_semantic:
             size = self.mask_roi_extractor.output_size if with_mask else 14
             self.semantic_roi_extractor = MultiLevelRoIAlign(size, (semantic_stride,))
-        self.semantic_head = semantic_head
+        self.class_sized_parameters = tuple(
+            f"{name}.{t}.{p}" for name in ("bbox_head", "mask_head") if hasattr(self, name)
+            for t, head in enumerate(getattr(self, name)) for p in head.class_sized_parameters
+        ) + tuple(f"semantic_head.{p}" for p in (self.semantic_head.class_sized_parameters
+                                                  if self.with_semantic else ()))
 
         self.assigners = [assigner(t, t, min_pos_iou=t) for t in self.iou_thresholds]
         self.sampler = sampler if sampler is not None else RandomSampler(512, 0.25, add_gt_as_proposals=True)
-
-    def _check_num_classes(self, name: str, heads: nn.ModuleList) -> None:
-        for t, head in enumerate(heads):
-            got = getattr(head, "num_classes", self.num_classes)
-            if got != self.num_classes:
-                raise ValueError(f"CascadeRoIHead: {name} {t} ({type(head).__name__}) was built for {got} classes, the "
-                                 f"RoI head for {self.num_classes}: its factory must take num_classes first")
 
     # ---- forward pieces -------------------------------------------------------------------------------------
     def semantic(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:

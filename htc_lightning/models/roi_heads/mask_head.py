@@ -6,6 +6,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
+from ..interfaces import FeatureSpec
 from ..layers.losses import mask_cross_entropy
 from ..layers.masks import GT_CHUNK, mask_targets
 from ..layers.samplers import SamplingResult
@@ -14,16 +15,18 @@ from ..layers.samplers import SamplingResult
 class FCNMaskHead(nn.Module):
     """``num_convs`` × (3×3 conv + ReLU) -> 2× ``upsample`` (deconv + ReLU) -> ``conv_logits`` (1×1, one
     channel per class). ``with_conv_res`` adds HTC's ``conv_res`` (1×1 conv + ReLU) that maps the previous
-    stage's last conv feature into this head's input: ``x + relu(conv_res(r))``.
+    stage's last conv feature into this head's input: ``x + relu(conv_res(r))``. ``input`` gives the RoI
+    features' width and the class count (the RoI head passes its own spec).
 
     ``forward`` returns (logits or ``None``, feature) where the feature is the last conv's output (after its
     ReLU, before the deconv): what the next stage's ``conv_res`` consumes.
     """
 
-    def __init__(self, num_classes: int = 80, in_channels: int = 256, conv_channels: int = 256,
+    def __init__(self, input: FeatureSpec, conv_channels: int = 256,
                  num_convs: int = 4, with_conv_res: bool = False, mask_size: int = 28,
                  loss_weight: float = 1.0) -> None:
         super().__init__()
+        num_classes, in_channels = input.num_classes, input.width
         if with_conv_res and conv_channels != in_channels:
             # conv_res's output is added to this head's RoI feature (mmdet's HTCMaskHead)
             raise ValueError(f"FCNMaskHead: with_conv_res (mask information flow) adds a {conv_channels}-channel "
@@ -39,6 +42,7 @@ class FCNMaskHead(nn.Module):
             self.conv_res = nn.Conv2d(conv_channels, conv_channels, 1)
         self.upsample = nn.ConvTranspose2d(last, conv_channels, 2, stride=2)
         self.conv_logits = nn.Conv2d(conv_channels, num_classes, 1)
+        self.class_sized_parameters = ("conv_logits.weight", "conv_logits.bias")  # one map per class
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..interfaces import FeatureSpec
 from ..layers.losses import cross_entropy
 
 
@@ -12,6 +13,8 @@ class FusedSemanticHead(nn.Module):
     segmentation logits) and ``conv_embedding`` (1×1 + ReLU, the feature fused into the RoI features).
 
     Args:
+        input: the pyramid it fuses (the RoI head passes its spec; only the width is used: ``num_classes`` here
+            counts the segmentation labels, 183 for COCO-Stuff, not the detector's classes).
         seg_scale_factor: the labels are nearest-downsampled by it to the logits' stride (1/8 for P3).
         avg_non_ignore: ``False`` (mmdet's default and what the HTC model zoo was trained with) averages the
             cross entropy over ALL label pixels, ignored ones (``ignore_index``) included, so ignored pixels
@@ -19,10 +22,11 @@ class FusedSemanticHead(nn.Module):
             ``cross_entropy(ignore_index=...)`` behaviour).
     """
 
-    def __init__(self, num_ins: int = 5, fusion_level: int = 1, num_convs: int = 4, in_channels: int = 256,
+    def __init__(self, input: FeatureSpec, num_ins: int = 5, fusion_level: int = 1, num_convs: int = 4,
                  conv_out_channels: int = 256, num_classes: int = 183, ignore_index: int = 255,
                  loss_weight: float = 0.2, seg_scale_factor: float = 1 / 8, avg_non_ignore: bool = False) -> None:
         super().__init__()
+        in_channels = input.width
         if not 0 <= fusion_level < num_ins:
             raise ValueError(f"FusedSemanticHead: fusion_level {fusion_level} is not one of the {num_ins} inputs")
         self.num_ins = num_ins
@@ -37,6 +41,7 @@ class FusedSemanticHead(nn.Module):
                                              padding=1) for i in range(num_convs))
         self.conv_embedding = nn.Conv2d(conv_out_channels, conv_out_channels, 1)
         self.conv_logits = nn.Conv2d(conv_out_channels, num_classes, 1)
+        self.class_sized_parameters = ("conv_logits.weight", "conv_logits.bias")  # one map per class
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
