@@ -102,16 +102,3 @@ def test_default_parts_are_mmdets_htc_settings():
     assert all(isinstance(a, MaxIoUAssigner) and a.match_low_quality for a in head.assigners)
     assert [a.min_pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
     assert (head.bbox_roi_extractor.output_size, head.mask_roi_extractor.output_size) == (7, 14)
-
-
-def test_the_old_name_htc_roi_head_still_builds_the_cascade_head_from_a_config():
-    # configs and checkpoints written before the rename name the old class_path
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--roi_head", type=nn.Module)
-    cfg = parser.parse_args(["--roi_head", '{"class_path": "htc_lightning.models.roi_heads.htc.HTCRoIHead", '
-                             '"init_args": {"num_classes": 3, "in_channels": 8, "mask_head": null, '
-                             '"mask_info_flow": false}}'])
-    head = parser.instantiate(cfg).roi_head
-    assert type(head) is CascadeRoIHead and head.num_classes == 3 and not head.with_mask
