@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -153,6 +154,8 @@ class TinyBatchSampler:
         self.epoch = 0
         self._skip = 0
         self.batches_yielded = 0
+        # where Lightning's set_epoch reaches a batch sampler (as GroupedBatchSampler's _EpochHook)
+        self.sampler = SimpleNamespace(set_epoch=self.set_epoch)
 
     def _batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
