@@ -24,7 +24,6 @@ import pycocotools.mask as mask_util
 import torch
 import torch.distributed as dist
 from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from htc_lightning.structures import Detections, ImageMeta
 
@@ -280,13 +279,14 @@ class CocoEvaluator(Metric):
     def _append(self, name: str, value: torch.Tensor) -> None:
         getattr(self, name).append(value.to(device=self.device, dtype=_STATES[name]))
 
-    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:
-        # A rank that saw no image (or no mask) would contribute torchmetrics' float32 placeholder, which
-        # would promote the int64/uint8 states in the concatenation: give it an empty tensor of the right dtype.
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        # A rank that saw no image (or no mask) would contribute torchmetrics' float32 placeholder, which would
+        # promote the int64/uint8 states in the concatenation: give it an empty tensor of the right dtype first.
+        # (``sync`` is the public entry of torchmetrics' gathering; compute() calls it under DDP.)
         for name, dtype in _STATES.items():
             if isinstance(getattr(self, name), list) and not getattr(self, name):
                 setattr(self, name, [torch.empty(0, dtype=dtype, device=self.device)])
-        super()._sync_dist(dist_sync_fn, process_group)
+        super().sync(*args, **kwargs)
 
     def _state(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
