@@ -1,4 +1,4 @@
-"""Containers passed between the parts (see DESIGN.md "Interfaces between the parts"), and the one place where
+"""Containers passed between the parts (the batch below, the image meta, the detections), and the one place where
 boxes change coordinate frame.
 
 Batch: ``images`` float32 (B, 3, H, W), normalised, padded; ``targets`` one dict per image:

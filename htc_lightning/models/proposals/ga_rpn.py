@@ -61,7 +61,8 @@ class GARPN(nn.Module):
             0.3)``, ``RandomSampler(256, 0.5)``).
         anchor_coder: squares -> guided anchors (stds 0.07/0.14, no ratio clip); box_coder: guided anchors ->
             proposals (stds 0.07/0.11).
-        invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; HTC_GA_NOTES.md).
+        invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; see
+            docs/ga_location_targets.md).
     """
 
     def __init__(self, in_channels: int = 256, feat_channels: int = 256,
