@@ -305,7 +305,10 @@ def collect(proc, kind: str) -> dict:
 
 # -- the table ------------------------------------------------------------------------------------------------
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Measures, prints the table and returns the measurements behind it: ``dataset`` {"before", "cold" (one per
+    rank), "warm"}, ``eval`` [before, after] with ``eval_max_diff``, ``throughput`` [before, after] (what was not
+    skipped)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of train2017's 118,287 images")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/htc_lightning_data_scale"),
@@ -323,10 +326,10 @@ def main() -> None:
     parser.add_argument("--ann", help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--commit", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
-        return
+        return {}
     args.eval_images = args.eval_images or max(50, round(EVAL_IMAGES * args.scale))
     args.workdir.mkdir(parents=True, exist_ok=True)
     num_images = max(100, round(FULL_IMAGES * args.scale))
@@ -345,6 +348,7 @@ def main() -> None:
         write_eval_json(eval_ann, args.eval_images)
 
     rows: list[tuple[str, str, str, str]] = []
+    result: dict = {}
     if "dataset" not in args.skip:
         before = run_child(args, "dataset", args.before, ann, samples=args.samples)
         print("before:", before, flush=True)
@@ -353,6 +357,7 @@ def main() -> None:
                                                 for _ in range(args.ranks)]]
         warm = run_child(args, "dataset", None, ann, samples=args.samples)
         print("after (empty cache):", cold, "\nafter (cache filled):", warm, flush=True)
+        result["dataset"] = {"before": before, "cold": cold, "warm": warm}
         builder = max(cold, key=lambda r: r["peak"])
         waiters = [r for r in cold if r is not builder]
         n = before["images"]
@@ -384,6 +389,7 @@ def main() -> None:
         evals = [run_child(args, "eval", commit, eval_ann) for commit in (args.before, None)]
         print("evaluation:", evals, flush=True)
         diff = max(abs(evals[0]["metrics"][k] - evals[1]["metrics"][k]) for k in evals[0]["metrics"])
+        result.update(eval=evals, eval_max_diff=diff)
         rows += [
             (f"eval update, {args.dets} masks (ms/image, wall / CPU)",
              *(f"{e['update_ms']:.1f} / {e['update_cpu_ms']:.1f}" for e in evals), "<= 20"),
@@ -396,6 +402,7 @@ def main() -> None:
             raise SystemExit(f"before and after disagree on the AP by {diff}")
     if "throughput" not in args.skip:
         tputs = [run_child(args, "throughput", commit, small) for commit in (args.before, None)]
+        result["throughput"] = tputs
         rows.append(("images/s per worker, 1333x800 flip masks (wall / CPU)",
                      *(f"{t['wall']:.1f} / {t['cpu']:.1f}" for t in tputs), ">= 40"))
 
@@ -409,6 +416,7 @@ def main() -> None:
     print(f"| {'-' * width} | {'-' * cols[0]} | {'-' * cols[1]} | {'-' * cols[2]} |")
     for name, b, a, goal in rows:
         print(f"| {name:<{width}} | {b:>{cols[0]}} | {a:>{cols[1]}} | {goal:>{cols[2]}} |")
+    return result
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def run_one(which: str, args: argparse.Namespace, ann_file: Path) -> dict:
                 "bbox_mAP", "segm_mAP", "bbox_map", "segm_map", "bbox_mAP_50", "bbox_map_50")}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Measures each metric in its own process, prints the table and returns {"ours"|"torchmetrics": row}, a row
+    holding ``update_s``, ``compute_s``, ``peak_mb``, ``state_mb`` and ``metrics``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=1000)
     ap.add_argument("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_one(args.only, args, Path(tmp) / "gt.json")))
-        return 0
+        return {}
     rows = {}
     for which in ("ours", "torchmetrics"):
         out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--only", which],
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         box, mask = m.get("bbox_mAP", m.get("bbox_map")), m.get("segm_mAP", m.get("segm_map"))
         print(f"| {which} | {r['update_s']:.1f} | {r['compute_s']:.1f} | {r['update_s'] + r['compute_s']:.1f} | "
               f"{r['peak_mb']:.0f} | {r['state_mb']:.1f} | {box:.4f} | {mask:.4f} |")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -226,7 +226,9 @@ def run_isolated(fn, opts: dict) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measures, prints the table and returns its rows (``impl``, ``mode``, ``batch``, ``precision``, ``flags`` and
+    the measurement: ``seconds``, ``peak_gb`` or ``error``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "htc" / "htc_r50_fpn_1x_coco.yaml"))
     ap.add_argument("--height", type=int, default=800)
@@ -244,7 +246,7 @@ def main() -> None:
     ap.add_argument("--mmcv-shim", default=str(ROOT.parent / "shared" / "oracle"),
                     help="folder holding mmcv_ops_shim.py")
     ap.add_argument("--skip-train", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     base = dict(config=args.config, height=args.height, width=args.width, objects=args.objects, runs=args.runs,
                 warmup=args.warmup, threads=args.threads, device=args.device, mmcv_shim=args.mmcv_shim)
@@ -279,6 +281,8 @@ def main() -> None:
         ratio = f"{res['seconds'] / ref['seconds']:.2f}x" if ref and "seconds" in ref else ""
         print(f"| {impl:14s} | {mode:9s} | {batch:5d} | {precision:10s} | {flags:20s} | {res['seconds']:8.3f} | "
               f"{batch / res['seconds']:7.2f} | {res['peak_gb']:8.2f} | {ratio:>8s} |")
+    return [{"impl": impl, "mode": mode, "batch": batch, "precision": precision, "flags": flags, **res}
+            for impl, mode, batch, precision, flags, res, _ in rows]
 
 
 if __name__ == "__main__":

@@ -88,15 +88,17 @@ def cell(rows: list[dict]) -> str:
     return f"{'FAIL ' if not all(r['ok'] for r in rows) else ''}{worst:.1e} / {ties}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    """Runs the parity tool on the dumps in each setting, prints the table and returns {setting: one row per dump}
+    (``stem``, ``family``, ``ok``, ``worst`` normalised difference, ``near_ties``, ``fails``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--dumps", nargs="*", help="dump stems (default: every tiny_* and loss_* dump)")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker is not None:
         worker(args.worker)
-        return 0
+        return {}
     stems = args.dumps or sorted(p.stem for p in DUMPS.glob("*.pt") if p.stem.startswith(("tiny_", "loss_")))
     results: dict[str, list[dict]] = {}
     for name in args.settings:
@@ -120,8 +122,8 @@ def main() -> int:
     failed = [(name, r) for name, rows in results.items() for r in rows if not r["ok"]]
     for name, r in failed:
         print(f"\n{name} {r['stem']}:\n  " + "\n  ".join(r["fails"][:10]))
-    return 1 if failed else 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(1 if any(not r["ok"] for rows in main().values() for r in rows) else 0)

@@ -51,7 +51,9 @@ def make_step(det, images, targets, mode: str):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Profiles, prints the two tables and returns them: ``parts`` {name: ms} and ``operators`` [(name, calls, ms,
+    % of the step)], hottest first."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT.parent / "configs" / "htc" / "htc_r50_fpn_1x_coco.yaml"))
     ap.add_argument("--mode", choices=["inference", "train"], default="inference")
@@ -64,7 +66,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--trace", help="also write a Chrome trace of the profiled step here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,6 +96,7 @@ def main() -> None:
     print(f"\n| {'part':22s} | {'ms':>9s} | {'% step':>6s} |")
     print(f"|{'-' * 24}|{'-' * 11}|{'-' * 8}|")
     accounted = 0.0
+    parts: dict[str, float] = {}
     for name in PARTS:
         e = events.get(name)
         if e is None:
@@ -102,6 +105,7 @@ def main() -> None:
         if name in TOP_LEVEL:
             accounted += us
         label = name if name in TOP_LEVEL else f"  {name}"
+        parts[name] = us / 1e3
         print(f"| {label:22s} | {us / 1e3:9.1f} | {100 * us / total_us:6.1f} |")
     rest = "rest (backward, optimizer)" if args.mode == "train" else "rest"
     print(f"| {rest:22s} | {(total_us - accounted) / 1e3:9.1f} | {100 * (total_us - accounted) / total_us:6.1f} |")
@@ -113,6 +117,8 @@ def main() -> None:
     for e in ops:
         print(f"| {e.key[:40]:40s} | {e.count:6d} | {e.self_cpu_time_total / 1e3:9.1f} | "
               f"{100 * e.self_cpu_time_total / total_us:6.1f} |")
+    return {"parts": parts, "operators": [(e.key, e.count, e.self_cpu_time_total / 1e3,
+                                           100 * e.self_cpu_time_total / total_us) for e in ops]}
 
 
 if __name__ == "__main__":

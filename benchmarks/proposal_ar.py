@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -121,7 +120,10 @@ def evaluate(detector: torch.nn.Module, dm: CocoDataModule) -> tuple[dict[str, f
     return evaluator.compute(), mean(counts), loc_stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Trains and evaluates each variant, prints the table and returns {variant: row}, a row holding ``metrics``
+    (proposal AR), ``proposals_per_image``, ``location`` (what GA's location filter kept; NaN for the plain RPN),
+    ``loss_first10``, ``loss_last10`` and ``train_s``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--iters", type=int, default=1000, help="training iterations per model")
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name:9s} | {m['AR@100']:6.3f} | {m['AR@300']:6.3f} | {m['AR@1000']:7.3f} | {m['AR_s@1000']:9.3f} "
               f"| {m['AR_m@1000']:9.3f} | {m['AR_l@1000']:9.3f} | {per_image:9.1f} | {kept:>12s} | {centres:>20s} "
               f"| {first:9.3f} -> {last:9.3f} | {train_s:7.0f} |")
-    return 0
+    return {name: {"metrics": m, "proposals_per_image": per_image, "location": loc, "loss_first10": first,
+                   "loss_last10": last, "train_s": train_s} for name, m, per_image, loc, first, last, train_s in rows}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

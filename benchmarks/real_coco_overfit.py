@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +59,10 @@ def evaluate(detector, dm: CocoDataModule) -> dict[str, float]:
     return evaluator.compute()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Trains, prints the loss curve and the AP table, and returns ``images``, ``annotations``, ``classes``, the
+    ``curve`` [(step, mean total loss since the last log)] and ``evals`` [(step, s, box AP, AP50, mask AP,
+    AP50)]; a non-finite loss ends the run with an error."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coco", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "coco_tiny")
     parser.add_argument("--ann", default="annotations/instances_train2017.json")
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = dm.train_dataloader()
         decay_at = int(0.75 * args.steps)
         rows: list[tuple[int, float, float, float, float, float]] = []
+        curve: list[tuple[int, float]] = []
         window: dict[str, list[float]] = {}
         start = time.perf_counter()
         step, epoch = 0, 0
@@ -116,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 losses = detector.loss(images, targets)
                 total = torch.stack([v.sum() for v in losses.values()]).sum()
                 if not math.isfinite(float(total.detach())):
-                    print(f"step {step}: non-finite loss {({k: float(v) for k, v in losses.items()})}")
-                    return 1
+                    raise SystemExit(f"step {step}: non-finite loss {({k: float(v) for k, v in losses.items()})}")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(params, 20.0)
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 step += 1
                 if step % args.log_every == 0:
                     mean = {k: sum(v) / len(v) for k, v in window.items()}
+                    curve.append((step, mean["total"]))
                     print(f"step {step:5d}  {time.perf_counter() - start:7.0f} s  loss {mean['total']:.3f}  "
                           f"rpn {mean.get('loss_rpn_cls', 0) + mean.get('loss_rpn_bbox', 0):.3f}  "
                           f"s0 cls {mean.get('s0.loss_cls', 0):.3f}  s0 mask {mean.get('s0.loss_mask', 0):.3f}  "
@@ -147,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for s, t, b, b50, m, m50 in rows:
         print(f"| {s} | {t:.0f} | {b:.3f} | {b50:.3f} | {m:.3f} | {m50:.3f} |")
-    return 0
+    return {"images": len(dm.train_dataset), "annotations": n_gt, "classes": dm.num_classes, "curve": curve,
+            "evals": rows}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

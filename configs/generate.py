@@ -38,7 +38,7 @@ FPN = {"class_path": f"{PKG}.models.necks.fpn.FPN", "init_args": {"out_channels"
 RPN = {"class_path": f"{PKG}.models.proposals.rpn.RPN", "init_args": {}}
 # GA-RPN proposals for a two-stage detector (mmdet's ga-*-rcnn configs): 2000/1000/300 in training,
 # 1000/1000/300 at test; GA needs gradient clipping (max norm 35, set in the trainer below). The location
-# branch trains with the paper's targets (centres positive); mmdet >= 2.0 inverts them (HTC_GA_NOTES.md).
+# branch trains with the paper's targets (centres positive); mmdet >= 2.0 inverts them (docs/ga_location_targets.md).
 GA_RPN = {"class_path": f"{PKG}.models.proposals.ga_rpn.GARPN",
           "init_args": {"invert_loc_targets": False, "train_nms_pre": 2000, "train_nms_post": 1000,
                         "train_max_per_img": 300, "test_nms_pre": 1000, "test_nms_post": 1000, "test_max_per_img": 300}}

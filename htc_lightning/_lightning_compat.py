@@ -1,4 +1,5 @@
-"""The one place where htc-lightning relies on Lightning's and jsonargparse's private internals.
+"""The one place where htc-lightning relies on Lightning's and jsonargparse's private internals (torchmetrics' are
+not used: ``CocoEvaluator`` overrides only the public ``Metric.sync``).
 
 Each function is one workaround for something neither library offers publicly; its docstring names the private
 attribute, why we need it, and the versions checked. ``tests/test_lightning_compat.py`` has one test per function
@@ -155,3 +156,44 @@ def save_last_checkpoint_only(callback: Any, trainer: Any, on_train_epoch_end: b
     except AttributeError as error:
         raise changed(f"ModelCheckpoint.{error.name}", "pytorch-lightning") from None
     return True
+
+
+def model_checkpoint_with_own_hooks(cls: type) -> type:
+    """Class decorator for a ``ModelCheckpoint`` subclass: its ``find_last_checkpoints(trainer)`` and
+    ``save_topk_checkpoint(trainer, monitor_candidates)`` methods replace Lightning's; they call Lightning's own
+    through :func:`lightning_find_last_checkpoints` and :func:`lightning_save_topk_checkpoint`.
+
+    Relies on ``ModelCheckpoint._find_last_checkpoints(trainer) -> set[str]``, which the checkpoint connector asks
+    every ``ModelCheckpoint`` for to resolve ``ckpt_path="last"``, and ``._save_topk_checkpoint(trainer,
+    monitor_candidates)``, which every scheduled save goes through. No public hook adds candidates for "last"
+    (SLURM's ``hpc_ckpt_<n>.ckpt``) or lets a save fall back when the monitored metric is missing. Checked:
+    pytorch-lightning 2.6.6.
+    """
+    import inspect
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for private, own, params in (("_find_last_checkpoints", "find_last_checkpoints", ["self", "trainer"]),
+                                 ("_save_topk_checkpoint", "save_topk_checkpoint",
+                                  ["self", "trainer", "monitor_candidates"])):
+        original = getattr(ModelCheckpoint, private, None)
+        if not callable(original) or list(inspect.signature(original).parameters) != params:
+            raise changed(f"ModelCheckpoint.{private}({', '.join(params[1:])})", "pytorch-lightning")
+        if not callable(getattr(cls, own, None)):
+            raise TypeError(f"{cls.__qualname__} has no {own}() method to replace ModelCheckpoint.{private} with")
+        setattr(cls, private, getattr(cls, own))
+    return cls
+
+
+def lightning_find_last_checkpoints(callback: Any, trainer: Any) -> set[str]:
+    """Lightning's own ``ModelCheckpoint._find_last_checkpoints`` (see :func:`model_checkpoint_with_own_hooks`)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint._find_last_checkpoints(callback, trainer)
+
+
+def lightning_save_topk_checkpoint(callback: Any, trainer: Any, monitor_candidates: dict) -> None:
+    """Lightning's own ``ModelCheckpoint._save_topk_checkpoint`` (see :func:`model_checkpoint_with_own_hooks`)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ModelCheckpoint._save_topk_checkpoint(callback, trainer, monitor_candidates)

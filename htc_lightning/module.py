@@ -42,7 +42,7 @@ from .tta import TestTimeAugmentation
 
 Batch = tuple[Tensor, list[dict]]
 
-__all__ = ["DetectionModule", "HTCModule", "NonFiniteLossError", "NonFiniteWeightsError"]
+__all__ = ["DetectionModule", "NonFiniteLossError", "NonFiniteWeightsError"]
 
 class DetectionModule(pl.LightningModule):
     """Train, validate, test and predict with any detector of the package (HTC, Cascade and Mask R-CNN, or a
@@ -486,11 +486,6 @@ class DetectionModule(pl.LightningModule):
                 out.mkdir(parents=True, exist_ok=True)
                 drawn.save(out / f"step{self.global_step:07d}_{self._images_logged}.png")
             self._images_logged += 1
-
-
-# The name before issue 17: configs and checkpoints (hparams ``_class_path``) written with
-# ``htc_lightning.module.HTCModule`` resolve to the same class. Kept for one release.
-HTCModule = DetectionModule
 
 
 @rank_zero_only

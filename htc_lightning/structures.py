@@ -1,4 +1,4 @@
-"""Containers passed between the parts (see DESIGN.md "Interfaces between the parts"), and the one place where
+"""Containers passed between the parts (the batch below, the image meta, the detections), and the one place where
 boxes change coordinate frame.
 
 Batch: ``images`` float32 (B, 3, H, W), normalised, padded; ``targets`` one dict per image:
@@ -57,10 +57,14 @@ def scale_factor_of(meta: ImageMeta) -> tuple[float, float]:
     return float(sx), float(sy)
 
 
-def pad_size_of(meta: ImageMeta) -> tuple[int, int]:
+def pad_size_of(meta: ImageMeta, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
     """The padded batch size (h, w), required: anchors' valid flags are computed against it (mmdet's
-    ``pad_shape``), and the image size in its place would flag different anchors."""
+    ``pad_shape``), and the image size in its place would flag different anchors. Given the image's ``img_size``,
+    a padded size smaller than it (a collate bug) is an error naming the image."""
     h, w = require(meta, "pad_size", "the anchors' valid flags are computed against (mmdet's pad_shape)")
+    if img_size is not None and (int(h) < int(img_size[0]) or int(w) < int(img_size[1])):
+        raise ValueError(f"{image_name(meta)}: pad_size {(int(h), int(w))} is smaller than its img_size "
+                         f"{tuple(int(v) for v in img_size)}")
     return int(h), int(w)
 
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -165,6 +166,8 @@ class TinyBatchSampler:
         self.epoch = 0
         self._skip = 0
         self.batches_yielded = 0
+        # where Lightning's set_epoch reaches a batch sampler (as GroupedBatchSampler's _EpochHook)
+        self.sampler = SimpleNamespace(set_epoch=self.set_epoch)
 
     def _batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

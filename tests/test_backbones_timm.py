@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from htc_lightning.models.backbones import DeformConv2d, TimmBackbone
+from htc_lightning.models.backbones import DeformConv2dPack, TimmBackbone
 from htc_lightning.tools.compare import assert_close_to_reference
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -88,7 +88,7 @@ def test_dcn_stages_use_mmdet_deform_conv_keys():
     assert shapes["layer2.0.conv2.conv_offset.weight"] == (18, 128, 3, 3)  # deform_groups * 2 * 3 * 3
     assert shapes["layer4.2.conv2.conv_offset.bias"] == (18,)
     assert not any(k.startswith("layer1.") and "conv_offset" in k for k in shapes)
-    assert isinstance(backbone.layer3[5].conv2, DeformConv2d) and backbone.layer3[5].conv2.stride == (1, 1)
+    assert isinstance(backbone.layer3[5].conv2, DeformConv2dPack) and backbone.layer3[5].conv2.stride == (1, 1)
     assert backbone.layer3[0].conv2.stride == (2, 2)  # pytorch style: the stride sits on the 3x3
 
 
@@ -96,13 +96,13 @@ def test_deform_conv_with_zero_offsets_equals_the_plain_conv():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
     x = torch.randn(2, 8, 11, 13)
-    torch.testing.assert_close(DeformConv2d.from_conv(conv)(x), conv(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(DeformConv2dPack.from_conv(conv)(x), conv(x), atol=1e-5, rtol=0)
 
 
 def test_deform_conv_offsets_are_dy_dx_pairs():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-    dcn = DeformConv2d.from_conv(conv)
+    dcn = DeformConv2dPack.from_conv(conv)
     with torch.no_grad():
         dcn.conv_offset.bias.view(9, 2)[:, 1] = 1.0  # every tap samples one pixel to the right
     x = torch.randn(1, 3, 7, 9)

@@ -8,7 +8,6 @@ from conftest import TinyCocoDataModule, fake_cli_config
 
 from htc_lightning.callbacks import DetectionCheckpoint, ResumeState, SigtermCheckpoint
 from htc_lightning.cli import HTCLightningCLI, main
-from htc_lightning.module import DetectionModule
 
 
 def test_num_classes_is_linked_from_the_datamodule_into_the_roi_head(tmp_path):
@@ -77,24 +76,3 @@ def test_cluster_config_parses(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["num_nodes"] == 2 and printed["trainer"]["strategy"] == "ddp"
     assert printed["trainer"]["plugins"][0]["init_args"]["auto_requeue"] is True
-
-
-def test_a_config_with_the_old_class_path_htc_module_builds_a_detection_module(tmp_path):
-    config = yaml.safe_load(open(fake_cli_config(tmp_path)))
-    config["model"]["class_path"] = "htc_lightning.module.HTCModule"  # the name before issue 17
-    path = tmp_path / "old_name.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = HTCLightningCLI(args=["--config", str(path)], run=False)
-    assert type(cli.model) is DetectionModule
-
-
-def test_a_checkpoint_saved_under_the_old_class_path_loads_and_tests(tmp_path):
-    config = fake_cli_config(tmp_path, limit_val_batches=0)
-    HTCLightningCLI(args=["fit", "--config", config])
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    checkpoint["hyper_parameters"]["_class_path"] = "htc_lightning.module.HTCModule"  # as saved before the rename
-    old = tmp_path / "old_name.ckpt"
-    torch.save(checkpoint, old)
-    assert type(DetectionModule.load_from_checkpoint(old)) is DetectionModule  # Lightning's CLI instantiator
-    tested = HTCLightningCLI(args=["test", "--config", config, "--ckpt_path", str(old)])
-    assert type(tested.model) is DetectionModule and "test/segm_mAP" in tested.trainer.callback_metrics

@@ -43,7 +43,7 @@ def test_same_seed_and_epoch_give_the_same_batches():
 def test_epochs_and_seeds_reshuffle():
     a = GroupedBatchSampler(GROUPS, 2, seed=5)
     first = list(a)
-    assert a.epoch == 1  # a full pass advances the epoch by itself
+    a.set_epoch(1)
     assert list(a) != first
     assert GroupedBatchSampler(GROUPS, 2, seed=6).batches() != GroupedBatchSampler(GROUPS, 2, seed=5).batches()
 
@@ -70,7 +70,14 @@ def test_state_round_trip_resumes_mid_epoch_with_the_same_order():
     fresh = GroupedBatchSampler(GROUPS, 2, seed=9, num_replicas=2, rank=1)
     fresh.set_epoch(4)
     assert seen + rest == list(fresh)
-    assert resumed.state_dict() == {"epoch": 5, "batches_yielded": 0}
+    assert resumed.state_dict() == {"epoch": 4, "batches_yielded": 0}
+
+
+def test_the_epoch_is_the_callers_a_pass_without_set_epoch_replays_it():
+    # as DistributedSampler: the caller (Lightning, through batch_sampler.sampler) owns the epoch
+    s = GroupedBatchSampler(GROUPS, 2, seed=5)
+    first = list(s)
+    assert s.epoch == 0 and list(s) == first
 
 
 def test_set_epoch_to_another_epoch_drops_a_restored_position():
@@ -111,7 +118,8 @@ def test_with_seeds_pairs_each_index_with_a_seed_of_seed_epoch_and_index():
     assert [[i for i, _ in b] for b in first] == plain
     seeds = [s for b in first for _, s in b]
     assert len(set(seeds)) == len(seeds)
-    second = {i: s for b in seeded for i, s in b}  # epoch 1
+    seeded.set_epoch(1)
+    second = {i: s for b in seeded for i, s in b}
     assert all(second[i] != s for b in first for i, s in b)
     again = GroupedBatchSampler(GROUPS, 2, seed=3, with_seeds=True)
     assert list(again) == first

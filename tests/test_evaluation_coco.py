@@ -325,6 +325,16 @@ def test_ddp_gather_equals_single_process_and_drops_padding_repeats(ann_file, tm
         assert gathered == json.loads((tmp_path / f"single.{iou_type}.json").read_text()), iou_type
 
 
+def test_ddp_with_a_rank_that_saw_no_image_equals_single_process(ann_file, tmp_path):
+    # the idle rank's states are empty lists: they must gather as empty int64/uint8 tensors, not float32 ones
+    dets, metas = _perturbed_detections(ann_file, seed=5)
+    single = _run(ann_file, dets, metas, backend="faster_coco_eval")
+    shards = [(dets, metas), ([], [])]
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), ann_file, shards, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single, f"rank {rank}"
+
+
 def test_only_rank_0_builds_the_results(ann_file, monkeypatch):
     from htc_lightning.evaluation import coco
 

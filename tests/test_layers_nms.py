@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from htc_lightning.models.layers.nms import batched_nms, batched_soft_nms, multiclass_nms, soft_nms
+from htc_lightning.models.layers.nms import batched_soft_nms, mmcv_batched_nms, multiclass_nms, soft_nms
 from htc_lightning.tools.compare import assert_close_to_reference
 
 FIXTURE = Path(__file__).parent / "fixtures" / "layers" / "mmdet_layers.pt"
@@ -49,29 +49,29 @@ def _soft_nms_reference(boxes, scores, iou_threshold, sigma, min_score, method):
     return kept
 
 
-def test_batched_nms_matches_torchvision():
+def test_mmcv_batched_nms_matches_torchvision():
     boxes, scores = _random_boxes(300, seed=0)
     idxs = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(1))
-    ours = batched_nms(boxes, scores, idxs, 0.5)
+    ours = mmcv_batched_nms(boxes, scores, idxs, 0.5)
     assert torch.equal(ours, torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
 
 
-def test_batched_nms_split_path_matches_offset_path():
+def test_mmcv_batched_nms_split_path_matches_offset_path():
     boxes, scores = _random_boxes(300, seed=2)
     idxs = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(batched_nms(boxes, scores, idxs, 0.6, split_thr=10),
-                       batched_nms(boxes, scores, idxs, 0.6))
+    assert torch.equal(mmcv_batched_nms(boxes, scores, idxs, 0.6, split_thr=10),
+                       mmcv_batched_nms(boxes, scores, idxs, 0.6))
 
 
-def test_batched_nms_class_agnostic_is_plain_nms():
+def test_mmcv_batched_nms_class_agnostic_is_plain_nms():
     boxes, scores = _random_boxes(200, seed=4)
     idxs = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5, class_agnostic=True),
+    assert torch.equal(mmcv_batched_nms(boxes, scores, idxs, 0.5, class_agnostic=True),
                        torchvision.ops.nms(boxes, scores, 0.5))
 
 
-def test_batched_nms_empty():
-    keep = batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)
+def test_mmcv_batched_nms_empty():
+    keep = mmcv_batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)
     assert keep.shape == (0,) and keep.dtype == torch.long
 
 

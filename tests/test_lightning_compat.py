@@ -19,6 +19,9 @@ from htc_lightning._lightning_compat import (
     built_by_lightning_cli,
     checkpoint_schedule,
     cluster_environment,
+    lightning_find_last_checkpoints,
+    lightning_save_topk_checkpoint,
+    model_checkpoint_with_own_hooks,
     run_slurm_requeue,
     save_last_checkpoint_only,
     stop_as_on_sigterm,
@@ -147,3 +150,40 @@ def test_save_last_checkpoint_only_writes_last_ckpt_and_leaves_the_step_open_for
     assert open_after == [True], (
         f"{LIGHTNING}: after a last-only save, ModelCheckpoint treats the step as saved (_last_global_step_saved): a "
         "validation at that step would not write the best checkpoint")
+
+
+def test_model_checkpoint_calls_the_own_find_last_and_save_topk_methods(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    calls = []
+
+    @model_checkpoint_with_own_hooks
+    class Recording(ModelCheckpoint):
+        def find_last_checkpoints(self, trainer) -> set[str]:
+            calls.append("find_last_checkpoints")
+            return lightning_find_last_checkpoints(self, trainer)
+
+        def save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+            calls.append("save_topk_checkpoint")
+            lightning_save_topk_checkpoint(self, trainer, monitor_candidates)
+
+    def fit(ckpt_path=None) -> None:
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=str(tmp_path),
+                             callbacks=[Recording(dirpath=str(tmp_path), save_last=True)],
+                             **{**QUIET_TRAINER, "enable_checkpointing": True})
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+
+    fit()
+    assert "save_topk_checkpoint" in calls and any(tmp_path.glob("epoch=0*.ckpt")), (
+        f"{LIGHTNING}: ModelCheckpoint no longer saves through _save_topk_checkpoint (calls: {calls})")
+    calls.clear()
+    fit(ckpt_path="last")
+    assert "find_last_checkpoints" in calls, (
+        f"{LIGHTNING}: ckpt_path='last' no longer asks ModelCheckpoint._find_last_checkpoints (calls: {calls})")
+
+
+def test_a_model_checkpoint_hook_without_its_method_is_an_error_naming_it():
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    with pytest.raises(TypeError, match="no find_last_checkpoints"):
+        model_checkpoint_with_own_hooks(type("Bare", (ModelCheckpoint,), {}))

@@ -3,7 +3,6 @@ required meta fields that name the image they are missing from."""
 import pytest
 import torch
 
-from htc_lightning.models.proposals.base import pad_size_of as anchor_pad_size
 from htc_lightning.structures import pad_size_of, scale_boxes, scale_factor_of, to_original_frame, to_resized_frame
 
 # a 60 x 90 (h x w) file resized to 64 x 120: x scaled by 120 / 90, y by 64 / 60
@@ -50,10 +49,10 @@ def test_a_missing_pad_size_is_an_error_not_the_image_size():
     with pytest.raises(ValueError, match="image 7 a.jpg: its meta has no 'pad_size'"):
         pad_size_of(meta)
     with pytest.raises(ValueError, match="'pad_size'"):
-        anchor_pad_size({"boxes": torch.zeros(0, 4), "meta": meta}, (64, 120))
+        pad_size_of(meta, (64, 120))
 
 
 def test_the_anchors_take_the_padded_size_and_reject_one_smaller_than_the_image():
-    assert anchor_pad_size({"meta": META}, (64, 120)) == (64, 128)
+    assert pad_size_of(META, (64, 120)) == pad_size_of(META) == (64, 128)
     with pytest.raises(ValueError, match=r"image 7 a.jpg: pad_size \(64, 128\) is smaller than its img_size"):
-        anchor_pad_size({"meta": META}, (64, 130))
+        pad_size_of(META, (64, 130))

@@ -10,10 +10,17 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .._lightning_compat import checkpoint_schedule, save_last_checkpoint_only
+from .._lightning_compat import (
+    checkpoint_schedule,
+    lightning_find_last_checkpoints,
+    lightning_save_topk_checkpoint,
+    model_checkpoint_with_own_hooks,
+    save_last_checkpoint_only,
+)
 from .checkpoint_io import stale_temporaries
 
 
+@model_checkpoint_with_own_hooks
 class DetectionCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` keeping ``last.ckpt`` and the best by ``val/segm_mAP``, with fallbacks.
 
@@ -75,14 +82,16 @@ class DetectionCheckpoint(ModelCheckpoint):
                 and save_last_checkpoint_only(self, trainer, on_train_epoch_end):
             self._last_only_step = trainer.global_step
 
-    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        found = super()._find_last_checkpoints(trainer)
+    def find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """Lightning's candidates for ``ckpt_path="last"`` and SLURM's ``hpc_ckpt_<n>.ckpt`` in the root."""
+        found = lightning_find_last_checkpoints(self, trainer)
         root = Path(str(trainer.default_root_dir))
         if root.is_dir():
             found |= {os.path.normpath(p) for p in root.iterdir() if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)}
         return found
 
-    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+    def save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        """Lightning's best-checkpoint save, by the first logged of ``monitor`` and ``fallback_monitors``."""
         if self.monitor is not None and self.monitor not in monitor_candidates:
             fallback = next((m for m in self.fallback_monitors if m in monitor_candidates), None)
             if fallback is not None:
@@ -94,7 +103,7 @@ class DetectionCheckpoint(ModelCheckpoint):
                                    "only last.ckpt is saved")
                     self._warned_missing = True
                 return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        lightning_save_topk_checkpoint(self, trainer, monitor_candidates)
 
 
 class OptionalLearningRateMonitor(LearningRateMonitor):

@@ -11,8 +11,9 @@ starts iterating it (by wrapping the ``train_dataloader`` hook for the duration 
 The sampler protocol (``htc_lightning.data.samplers.GroupedBatchSampler``): ``load_state_dict({"epoch": e,
 "batches_yielded": k})`` makes the next ``__iter__`` produce epoch ``e``'s order without its first ``k``
 batches, a later ``set_epoch(e)`` with the same epoch keeps that position, and ``len()`` stays the full
-epoch's count. Lightning never calls ``set_epoch`` on a custom *batch* sampler (only on
-``loader.sampler`` and ``loader.batch_sampler.sampler``), so this callback does it at each epoch start.
+epoch's count. The epoch itself is Lightning's to set: it calls ``loader.batch_sampler.sampler.set_epoch`` at every
+epoch start, which ``GroupedBatchSampler.sampler`` forwards to the batch sampler; this callback only restores a
+position within the epoch.
 
 Global RNG states (torch, CUDA, numpy, random) are saved too and restored when the resumed training
 starts, so model-side randomness (RoI sampling with ``torch.randperm``) replays identically. Under DDP
@@ -140,16 +141,6 @@ class ResumeState(Callback):
                            "dataloader's sampler has no load_state_dict: the epoch restarts from its first batch")
             return
         sampler.load_state_dict({"epoch": int(state["epoch"]), "batches_yielded": consumed})
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning calls set_epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler`` only, never on a
-        # custom batch sampler itself, which would then repeat epoch 0's order forever. This hook runs before
-        # the epoch's iterator is created (for epochs after the first; the first is epoch 0 anyway).
-        loader = getattr(trainer.fit_loop, "_combined_loader", None)
-        for dl in getattr(loader, "flattened", []):
-            batch_sampler = getattr(dl, "batch_sampler", None)
-            if callable(getattr(batch_sampler, "set_epoch", None)):
-                batch_sampler.set_epoch(trainer.current_epoch)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state, self._pending = self._pending, None

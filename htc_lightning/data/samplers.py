@@ -43,8 +43,9 @@ def repeat_factors(image_labels: Sequence[Iterable[int]], threshold: float) -> l
 
 
 class _EpochHook:
-    """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` only (``_set_sampler_epoch``);
-    this stands there and forwards the call to the batch sampler."""
+    """Lightning calls ``set_epoch`` on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler`` at every
+    epoch start (``_set_sampler_epoch``), never on a batch sampler itself; this stands there and forwards the call,
+    which makes Lightning's epoch counter the one owner of the sampler's epoch."""
 
     def __init__(self, owner: GroupedBatchSampler):
         self._owner = owner
@@ -67,8 +68,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     Every rank yields ``len(self)`` batches (the index list is padded by repeating its start so it divides
     evenly, as ``DistributedSampler``): all batches are full except possibly the last, which collects
-    the groups' leftovers. After a complete pass the epoch advances by itself, so training without a
-    ``set_epoch`` call still reshuffles; ``set_epoch`` / ``load_state_dict`` set it explicitly.
+    the groups' leftovers. The epoch is the caller's, as for ``DistributedSampler``: Lightning sets it at every
+    epoch start (through ``self.sampler``, see ``_EpochHook``); a loop without Lightning calls ``set_epoch``
+    itself, else every pass replays the same order. ``load_state_dict`` sets it for a resumed epoch.
 
     ``state_dict()`` is ``{"epoch", "batches_yielded"}``; ``load_state_dict`` makes the next pass replay
     that epoch's order without its first ``batches_yielded`` batches (mid-epoch resume).
@@ -187,5 +189,4 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for batch in batches[skip:]:
             self._yielded += 1
             yield [(v % n, self.sample_seed(v)) for v in batch] if self.with_seeds else [v % n for v in batch]
-        self.epoch += 1
         self._yielded = 0

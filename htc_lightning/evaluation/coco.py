@@ -17,14 +17,13 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.distributed as dist
 from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from htc_lightning.structures import Detections, ImageMeta
 
@@ -61,7 +60,11 @@ def metric_names(iou_types: Sequence[str], proposal_nums: Sequence[int] = (100, 
 
 def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     """(N, H, W) binary masks -> COCO compressed RLEs with ``str`` counts (json-ready)."""
-    return [{"size": list(masks.shape[-2:]), "counts": c.decode("ascii")} for c in _rle_counts(masks)]
+    return [_rle(masks.shape[-2:], c) for c in _rle_counts(masks)]
+
+
+def _rle(size: Sequence[int], counts: bytes) -> dict[str, Any]:
+    return {"size": [int(v) for v in size], "counts": counts.decode("ascii")}
 
 
 def _rle_counts(masks: torch.Tensor) -> list[bytes]:
@@ -104,34 +107,67 @@ def _rle_counts(masks: torch.Tensor) -> list[bytes]:
     return [rle["counts"] for rle in mask_util.frPyObjects(uncompressed, h, w)]
 
 
-def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
-                       with_masks: bool) -> tuple[list[dict], list[dict]]:
-    """One image's detections -> (bbox results, segm results) in COCO's result-file format."""
+class _Columns(NamedTuple):
+    """One image's detections as the columns of its COCO results, checked."""
+
+    labels: torch.Tensor                # (N,) int64, contiguous 0..C-1, on the CPU
+    xywh: torch.Tensor                  # (N, 4) float64
+    scores: torch.Tensor                # (N,) float64
+    rle_counts: list[bytes] | None      # compressed RLE of each mask; None without masks
+    mask_size: tuple[int, int] | None   # (H, W) of the masks
+
+
+def _columns(det: Detections, image_id: int, num_classes: int, with_masks: bool,
+             orig_size: tuple[int, int] | None = None) -> _Columns:
+    """The one conversion of a :class:`Detections` into what COCO's results hold, with the checks that name the
+    image: labels outside 0..num_classes-1, missing masks, a mask count or (given ``orig_size``) a mask size that
+    does not match."""
     n = len(det)
-    if n == 0:
-        return [], []
-    labels = det.labels.detach().cpu().tolist()
-    bad = [label for label in labels if not 0 <= label < len(cat_ids)]
+    labels = det.labels.detach().cpu().long().reshape(-1)
+    bad = [label for label in labels.tolist() if not 0 <= label < num_classes]
     if bad:
-        raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside 0..{len(cat_ids) - 1}")
-    categories = [int(cat_ids[label]) for label in labels]
-    # xywh computed in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values.
-    boxes = det.boxes.detach().cpu().double()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = det.scores.detach().cpu().double().tolist()
-    bbox_results = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-                    for c, b, s in zip(categories, xywh, scores)]
-    if not with_masks:
-        return bbox_results, []
+        raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside 0..{num_classes - 1}")
+    # xywh in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values
+    boxes = det.boxes.detach().cpu().double().reshape(-1, 4)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    scores = det.scores.detach().cpu().double().reshape(-1)
+    if not with_masks or n == 0:
+        return _Columns(labels, xywh, scores, None, None)
     if det.masks is None:
         raise ValueError(f"image {image_id}: 'segm' evaluation needs Detections.masks, got None")
     if det.masks.shape[0] != n:
         raise ValueError(f"image {image_id}: {det.masks.shape[0]} masks for {n} boxes")
-    # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
-    # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
-    segm_results = [{"image_id": image_id, "category_id": c, "segmentation": rle, "score": s}
-                    for c, rle, s in zip(categories, encode_masks(det.masks), scores)]
-    return bbox_results, segm_results
+    mask_size = (int(det.masks.shape[-2]), int(det.masks.shape[-1]))
+    if orig_size is not None and mask_size != tuple(orig_size):
+        raise ValueError(f"image {image_id}: masks are {mask_size}, expected the original size {tuple(orig_size)}")
+    return _Columns(labels, xywh, scores, _rle_counts(det.masks), mask_size)
+
+
+def coco_results(image_ids: Sequence[int], category_ids: Sequence[int], scores: Sequence[float],
+                 boxes: Sequence[Sequence[float]] | None = None,
+                 segmentations: Sequence[dict] | None = None) -> list[dict]:
+    """COCO result-file records: "bbox" ones from xywh ``boxes``, else "segm" ones from RLE ``segmentations``.
+
+    A "segm" record has no 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for
+    the small/medium/large split (mmdet pops it before evaluating segm for the same reason)."""
+    if boxes is not None:
+        return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
+                for i, c, b, s in zip(image_ids, category_ids, boxes, scores)]
+    return [{"image_id": i, "category_id": c, "segmentation": rle, "score": s}
+            for i, c, rle, s in zip(image_ids, category_ids, segmentations, scores)]
+
+
+def detections_to_coco(det: Detections, image_id: int, cat_ids: Sequence[int],
+                       with_masks: bool) -> tuple[list[dict], list[dict]]:
+    """One image's detections -> (bbox results, segm results) in COCO's result-file format."""
+    columns = _columns(det, image_id, len(cat_ids), with_masks)
+    categories = [int(cat_ids[label]) for label in columns.labels.tolist()]
+    image_ids, scores = [image_id] * len(categories), columns.scores.tolist()
+    bbox = coco_results(image_ids, categories, scores, boxes=columns.xywh.tolist())
+    if columns.rle_counts is None:
+        return bbox, []
+    rles = [_rle(columns.mask_size, c) for c in columns.rle_counts]
+    return bbox, coco_results(image_ids, categories, scores, segmentations=rles)
 
 
 def _counts(values: list) -> dict:
@@ -228,44 +264,29 @@ class CocoEvaluator(Metric):
         with_masks = "segm" in self.iou_types
         for det, meta in zip(detections, metas):
             image_id = int(meta["image_id"])
-            n = len(det)
-            labels = det.labels.detach().cpu().long()
-            bad = [label for label in labels.tolist() if not 0 <= label < len(self.cat_ids)]
-            if bad:
-                raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside 0..{len(self.cat_ids) - 1}")
-            size = tuple(meta.get("orig_size", (0, 0)))
-            if with_masks and n > 0:
-                if det.masks is None:
-                    raise ValueError(f"image {image_id}: 'segm' evaluation needs Detections.masks, got None")
-                if det.masks.shape[0] != n:
-                    raise ValueError(f"image {image_id}: {det.masks.shape[0]} masks for {n} boxes")
-                if "orig_size" in meta and tuple(det.masks.shape[-2:]) != size:
-                    raise ValueError(f"image {image_id}: masks are {tuple(det.masks.shape[-2:])}, "
-                                     f"expected the original size {size}")
-                size = tuple(det.masks.shape[-2:])
-                counts = _rle_counts(det.masks)
-                self._append("rle_lengths", torch.tensor([len(c) for c in counts]))
-                self._append("rle_bytes", torch.frombuffer(bytearray(b"".join(counts)), dtype=torch.uint8))
-            # xywh in float64 from the float32 corners, as mmdet's xyxy2xywh does on the numpy values
-            boxes = det.boxes.detach().cpu().double().reshape(-1, 4)
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+            columns = _columns(det, image_id, len(self.cat_ids), with_masks, meta.get("orig_size"))
+            size = columns.mask_size or tuple(meta.get("orig_size", (0, 0)))
+            if columns.rle_counts is not None:
+                self._append("rle_lengths", torch.tensor([len(c) for c in columns.rle_counts]))
+                self._append("rle_bytes", torch.frombuffer(bytearray(b"".join(columns.rle_counts)), dtype=torch.uint8))
             self._append("image_ids", torch.tensor([image_id]))
             self._append("image_sizes", torch.tensor([int(size[0]), int(size[1])]))
-            self._append("num_dets", torch.tensor([n]))
-            self._append("boxes", xywh.reshape(-1))
-            self._append("scores", det.scores.detach().cpu().double().reshape(-1))
-            self._append("labels", labels.reshape(-1))
+            self._append("num_dets", torch.tensor([len(det)]))
+            self._append("boxes", columns.xywh.reshape(-1))
+            self._append("scores", columns.scores)
+            self._append("labels", columns.labels)
 
     def _append(self, name: str, value: torch.Tensor) -> None:
         getattr(self, name).append(value.to(device=self.device, dtype=_STATES[name]))
 
-    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:
-        # A rank that saw no image (or no mask) would contribute torchmetrics' float32 placeholder, which
-        # would promote the int64/uint8 states in the concatenation: give it an empty tensor of the right dtype.
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        # A rank that saw no image (or no mask) would contribute torchmetrics' float32 placeholder, which would
+        # promote the int64/uint8 states in the concatenation: give it an empty tensor of the right dtype first.
+        # (``sync`` is the public entry of torchmetrics' gathering; compute() calls it under DDP.)
         for name, dtype in _STATES.items():
             if isinstance(getattr(self, name), list) and not getattr(self, name):
                 setattr(self, name, [torch.empty(0, dtype=dtype, device=self.device)])
-        super()._sync_dist(dist_sync_fn, process_group)
+        super().sync(*args, **kwargs)
 
     def _state(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
@@ -294,16 +315,13 @@ class CocoEvaluator(Metric):
         scores = self._state("scores").numpy()[dets].tolist()
         if iou_type != "segm":
             boxes = self._state("boxes").view(-1, 4).numpy()[dets].tolist()
-            return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
-                    for i, c, b, s in zip(image_ids, categories, boxes, scores)]
+            return coco_results(image_ids, categories, scores, boxes=boxes)
         sizes = np.repeat(self._state("image_sizes").view(-1, 2).numpy()[first], per_image, axis=0).tolist()
         ends = np.cumsum(self._state("rle_lengths").numpy())
         starts, ends = (ends - self._state("rle_lengths").numpy())[dets].tolist(), ends[dets].tolist()
         rle_bytes = self._state("rle_bytes").numpy().tobytes()
-        # No 'bbox' key: pycocotools' loadRes would take the box area instead of the mask area for the
-        # small/medium/large split (mmdet pops it before evaluating segm for the same reason).
-        return [{"image_id": i, "category_id": c, "segmentation": {"size": hw, "counts": rle_bytes[b:e].decode()},
-                 "score": s} for i, c, s, hw, b, e in zip(image_ids, categories, scores, sizes, starts, ends)]
+        rles = [_rle(hw, rle_bytes[b:e]) for hw, b, e in zip(sizes, starts, ends)]
+        return coco_results(image_ids, categories, scores, segmentations=rles)
 
     def per_image_results(self) -> dict[int, tuple[list[dict], list[dict]]]:
         """The (synchronised) states as COCO results per image id, the first copy of each image only."""

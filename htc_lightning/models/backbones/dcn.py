@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from ..layers.deform_conv import deform_conv2d  # float32 under autocast
 
 
-class DeformConv2d(nn.Module):
-    """A k×k deformable convolution whose sampling offsets come from a plain convolution of the input.
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class DeformConv2dPack(nn.Module):
+    """A k×k deformable convolution whose sampling offsets come from a plain convolution of the input (mmcv's
+    name: the offset convolution is packed inside; GA-RPN's ``Float32DeformConv2d`` is given its offsets).
 
     The offset convolution starts at zero (weights and bias), so a freshly built layer computes exactly the
     regular convolution with the same weight; mmdet initialises it the same way and ImageNet checkpoints,
@@ -24,9 +28,11 @@ class DeformConv2d(nn.Module):
                  dilation: int | tuple[int, int] = 1, groups: int = 1, deform_groups: int = 1) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"DeformConv2d: channels {in_channels}->{out_channels} not divisible by groups={groups}")
+            raise ValueError(f"DeformConv2dPack: channels {in_channels}->{out_channels} "
+                             f"not divisible by groups={groups}")
         if in_channels % deform_groups:
-            raise ValueError(f"DeformConv2d: in_channels={in_channels} not divisible by deform_groups={deform_groups}")
+            raise ValueError(f"DeformConv2dPack: in_channels={in_channels} "
+                             f"not divisible by deform_groups={deform_groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -41,12 +47,12 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.conv_offset.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, deform_groups: int = 1) -> DeformConv2d:
+    def from_conv(cls, conv: nn.Conv2d, deform_groups: int = 1) -> DeformConv2dPack:
         """A deformable twin of ``conv`` (same geometry, same weight, zero offsets)."""
         if conv.bias is not None:
-            raise ValueError("DeformConv2d.from_conv: a conv with a bias is not supported (ResNet's 3x3 has none)")
+            raise ValueError("DeformConv2dPack.from_conv: a conv with a bias is not supported (ResNet's 3x3 has none)")
         if not isinstance(conv.padding, tuple):
-            raise ValueError(f"DeformConv2d.from_conv: padding mode {conv.padding!r} is not supported")
+            raise ValueError(f"DeformConv2dPack.from_conv: padding mode {conv.padding!r} is not supported")
         dcn = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, deform_groups)
         with torch.no_grad():

@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from htc_lightning.models.backbones.dcn import DeformConv2d
+from htc_lightning.models.backbones.dcn import DeformConv2dPack
 from htc_lightning.models.backbones.freezing import apply_freezing
 
 # Classifier weights of full ImageNet checkpoints; a feature extractor has no use for them.
@@ -104,7 +104,7 @@ class TimmBackbone(nn.Module):
             for block in layer.modules():
                 conv = getattr(block, "conv2", None)
                 if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                    block.conv2 = DeformConv2d.from_conv(conv)
+                    block.conv2 = DeformConv2dPack.from_conv(conv)
                     replaced += 1
         if not replaced:
             raise ValueError(f"TimmBackbone({self.model_name!r}): dcn_stages has {stage}, but that stage has no "

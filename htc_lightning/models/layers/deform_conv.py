@@ -33,8 +33,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     return out.to(out_dtype)
 
 
-class DeformConv2d(ops.DeformConv2d):
-    """``torchvision.ops.DeformConv2d`` (same parameters and state-dict keys) through :func:`deform_conv2d`."""
+class Float32DeformConv2d(ops.DeformConv2d):
+    """``torchvision.ops.DeformConv2d`` (same parameters and state-dict keys, offsets given by the caller, as in
+    GA-RPN's feature adaption) through :func:`deform_conv2d`. Not to be confused with the backbone's
+    ``DeformConv2dPack``, which computes its own offsets."""
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)

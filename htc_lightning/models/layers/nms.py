@@ -1,4 +1,4 @@
-"""NMS: per-class batched NMS (torchvision), mmdet's ``multiclass_nms``, and Soft-NMS."""
+"""NMS: mmcv's per-class batched NMS, mmdet's ``multiclass_nms``, and Soft-NMS."""
 import torch
 from torch import Tensor
 from torchvision.ops import nms
@@ -25,20 +25,19 @@ def _class_offsets(boxes: Tensor, idxs: Tensor) -> Tensor:
     return boxes + (idxs.to(boxes) * (max_coordinate + 1))[:, None]
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, class_agnostic: bool = False,
-                split_thr: int = 10000, num_classes: int | None = None) -> Tensor:
-    """Indices kept, sorted by decreasing score (torchvision ``batched_nms``).
-
-    mmcv's ``batched_nms`` semantics: below ``split_thr`` boxes one torchvision ``nms`` on class-offset boxes,
-    otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``. ``num_classes`` (when ``idxs`` lie
-    in 0..num_classes-1) saves reading the largest class id from the device."""
+def mmcv_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, class_agnostic: bool = False,
+                     split_thr: int = 10000, num_classes: int | None = None) -> Tensor:
+    """Indices kept, sorted by decreasing score: what torchvision's ``batched_nms`` keeps, computed as mmcv's
+    ``batched_nms`` computes it (hence the name and the extra arguments). Below ``split_thr`` boxes one torchvision
+    ``nms`` on class-offset boxes, otherwise one ``nms`` per class; ``class_agnostic`` ignores ``idxs``.
+    ``num_classes`` (when ``idxs`` lie in 0..num_classes-1) saves reading the largest class id from the device."""
     if known_empty(boxes.shape[0]):
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     if class_agnostic:
         return nms(boxes.float(), scores.float(), float(iou_threshold))
     shifted = _class_offsets(boxes, idxs)
     if exporting():
-        return _traced_batched_nms(shifted, scores, idxs, iou_threshold, split_thr, num_classes)
+        return _traced_mmcv_batched_nms(shifted, scores, idxs, iou_threshold, split_thr, num_classes)
     if boxes.shape[0] < split_thr:
         return nms(shifted, scores.float(), float(iou_threshold))
     # the boxes grouped by class with one host transfer of the group sizes (not a unique and a nonzero per
@@ -60,14 +59,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return _by_score(keep, scores[keep])[0]
 
 
-def _traced_batched_nms(shifted: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, split_thr: int,
+def _traced_mmcv_batched_nms(shifted: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, split_thr: int,
                         num_classes: int | None) -> Tensor:
-    """``batched_nms`` in a graph, where the count of boxes is known only when it runs: both of mmcv's paths
+    """``mmcv_batched_nms`` in a graph, where the count of boxes is known only when it runs: both of mmcv's paths
     are traced, each fed the boxes only when it is the one that applies (the other gets none), and the kept
     indices are put in ``_by_score`` order, which is also torchvision's ``nms`` order (a stable descending
     sort of the scores), so the result equals eager mode's either way."""
     if num_classes is None:
-        raise ValueError("batched_nms: exporting needs num_classes (the graph cannot read the largest class id)")
+        raise ValueError("mmcv_batched_nms: exporting needs num_classes (the graph cannot read the largest class id)")
     n = shifted.shape[0]
     scores = scores.float()
     small = torch.full((), n, device=shifted.device) < split_thr
@@ -223,7 +222,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     if known_empty(inds.numel()):
         return flat_boxes, flat_scores, flat_labels, inds // max(num_classes, 1)
     if nms_type == "nms":
-        keep = batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, num_classes=num_classes)
+        keep = mmcv_batched_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, num_classes=num_classes)
         kept_scores = flat_scores[keep]
     elif nms_type.startswith("soft_nms_"):
         keep, kept_scores = batched_soft_nms(flat_boxes, flat_scores, flat_labels, iou_threshold, soft_sigma,

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ... import structures
 from ..layers.assigners import MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
 from ..layers.losses import binary_cross_entropy, l1_loss, smooth_l1_loss
@@ -23,17 +22,6 @@ class AnchorTargets:
     bbox_targets: Tensor    # (N, 4) encoded deltas
     bbox_weights: Tensor    # (N, 4)
     avg_factor: int         # max(#pos, 1) + max(#neg, 1), as mmdet's SamplingResult.avg_factor
-
-
-def pad_size_of(target: dict, img_size: tuple[int, int]) -> tuple[int, int]:
-    """The size the anchors' valid flags are computed against: mmdet uses ``pad_shape``. Required (see
-    ``structures.pad_size_of``); a padded size smaller than the image is a collate bug, named here."""
-    meta = target.get("meta") or {}
-    pad = structures.pad_size_of(meta)
-    if pad[0] < int(img_size[0]) or pad[1] < int(img_size[1]):
-        raise ValueError(f"{structures.image_name(meta)}: pad_size {pad} is smaller than its img_size "
-                         f"{tuple(int(v) for v in img_size)}")
-    return pad
 
 
 def default_anchor_assigner() -> MaxIoUAssigner:

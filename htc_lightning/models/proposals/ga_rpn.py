@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...structures import pad_size_of
 from ..interfaces import FeatureSpec, ProposalSettings
 from ..layers.anchors import AnchorGenerator, anchor_inside_flags
 from ..layers.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from ..layers.box_coder import BoxCoder
-from ..layers.deform_conv import DeformConv2d  # float32 under autocast
+from ..layers.deform_conv import Float32DeformConv2d
 from ..layers.losses import bounded_iou_loss, focal_loss
 from ..layers.samplers import RandomSampler
 from ..layers.tracing import exporting
@@ -26,7 +27,6 @@ from .base import (
     default_anchor_sampler,
     flatten_levels,
     objectness_and_delta_losses,
-    pad_size_of,
 )
 from .ga_targets import location_targets, shape_targets
 from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
@@ -40,7 +40,7 @@ class FeatureAdaption(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, deform_groups: int = 4) -> None:
         super().__init__()
         self.conv_offset = nn.Conv2d(2, deform_groups * kernel_size * kernel_size * 2, 1, bias=False)
-        self.conv_adaption = DeformConv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2,
+        self.conv_adaption = Float32DeformConv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2,
                                           bias=False)
         nn.init.normal_(self.conv_offset.weight, std=0.1)  # mmdet's FeatureAdaption init
         nn.init.normal_(self.conv_adaption.weight, std=0.01)
@@ -65,7 +65,8 @@ class GARPN(nn.Module):
             0.3)``, ``RandomSampler(256, 0.5)``).
         anchor_coder: squares -> guided anchors (stds 0.07/0.14, no ratio clip); box_coder: guided anchors ->
             proposals (stds 0.07/0.11).
-        invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; HTC_GA_NOTES.md).
+        invert_loc_targets: train the location branch as mmdet >= 2.0 does (centres negative; see
+            docs/ga_location_targets.md).
         train_* / test_*: :attr:`train_settings` / :attr:`test_settings` (the location filter only at test), which
             the caller hands to :meth:`proposals`.
     """
@@ -173,7 +174,8 @@ class GARPN(nn.Module):
         shape_flat = flatten_levels(shape_preds, 2)
         cls_targets, shape_tgts = [], []
         for b, (target, img_size) in enumerate(zip(targets, img_sizes, strict=True)):
-            valid = torch.cat(self.approx_generator.valid_flags(sizes, pad_size_of(target, img_size), device))
+            pad_size = pad_size_of(target.get("meta", {}), img_size)
+            valid = torch.cat(self.approx_generator.valid_flags(sizes, pad_size, device))
             # a location is usable when any of its approx anchors is (mmdet's get_sampled_approxs)
             inside = anchor_inside_flags(approxs, valid, img_size, self.allowed_border)
             inside = inside.view(-1, self.approxs_per_octave).any(dim=1)

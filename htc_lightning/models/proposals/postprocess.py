@@ -9,7 +9,7 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from ..layers.box_coder import BoxCoder
-from ..layers.nms import batched_nms
+from ..layers.nms import mmcv_batched_nms
 from ..layers.tracing import exporting, known_empty
 
 # How the best ``nms_pre`` scores are picked. The two agree on the set except among scores tied at the cut and
@@ -76,7 +76,7 @@ def decode_and_suppress(coder: BoxCoder, anchors: Tensor, deltas: Tensor, scores
     if level_ids is None:
         keep = nms(boxes, scores, float(iou_threshold))
     else:
-        keep = batched_nms(boxes, scores, level_ids, iou_threshold, num_classes=num_levels)
+        keep = mmcv_batched_nms(boxes, scores, level_ids, iou_threshold, num_classes=num_levels)
     keep = keep[:max_num]
     return torch.cat([boxes[keep], scores[keep, None]], dim=1)
 

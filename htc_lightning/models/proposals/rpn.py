@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...structures import pad_size_of
 from ..interfaces import FeatureSpec, ProposalSettings
 from ..layers.anchors import AnchorGenerator
 from ..layers.assigners import MaxIoUAssigner
@@ -17,7 +18,6 @@ from .base import (
     default_anchor_assigner,
     default_anchor_sampler,
     objectness_and_delta_losses,
-    pad_size_of,
 )
 from .postprocess import decode_and_suppress, merge_view_proposals, top_scores
 
@@ -90,7 +90,7 @@ class RPN(nn.Module):
         anchors = torch.cat(self.anchor_generator.grid_anchors(sizes, device))
         per_image = []
         for target, img_size in zip(targets, img_sizes, strict=True):
-            inside = self.anchor_generator.inside_flags(sizes, pad_size_of(target, img_size), img_size,
+            inside = self.anchor_generator.inside_flags(sizes, pad_size_of(target.get("meta", {}), img_size), img_size,
                                                         self.allowed_border, device)
             per_image.append(anchor_targets(anchors, inside, target, self.assigner, self.sampler, self.box_coder))
         loss_cls, loss_bbox = objectness_and_delta_losses(per_image, cls_scores, bbox_preds, self.bbox_loss,

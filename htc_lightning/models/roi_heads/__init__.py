@@ -1,8 +1,7 @@
 """Second-stage heads: the cascade RoI head (HTC, Cascade Mask R-CNN, Mask R-CNN) and its parts."""
 from .bbox_head import Shared2FCBBoxHead
 from .cascade import CascadeRoIHead, boxes_to_rois
-from .htc import HTCRoIHead  # the old name, kept for one release
 from .mask_head import FCNMaskHead
 from .semantic_head import FusedSemanticHead
 
-__all__ = ["CascadeRoIHead", "FCNMaskHead", "FusedSemanticHead", "HTCRoIHead", "Shared2FCBBoxHead", "boxes_to_rois"]
+__all__ = ["CascadeRoIHead", "FCNMaskHead", "FusedSemanticHead", "Shared2FCBBoxHead", "boxes_to_rois"]
