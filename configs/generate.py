@@ -4,7 +4,8 @@ one truth (mmdetection's settings) instead of drifting copies. Run after changin
     python configs/generate.py
 
 Each YAML is a complete LightningCLI config (``htc-lightning fit --config FILE``); the number of classes
-is linked from the data module, and the FPN's input widths from the backbone, so neither is repeated.
+is linked from the data module into the Detector, which gives it and every input width to the parts
+(models/interfaces.py FeatureSpec), so neither is repeated.
 """
 from __future__ import annotations
 
