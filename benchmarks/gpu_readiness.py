@@ -13,8 +13,8 @@ per kernel launch, views included) and flags the ones that make the host wait fo
 ``masked_select``, ``unique*``, ``index``/``index_put_`` with a boolean index, ``repeat_interleave`` with
 tensor repeats and no ``output_size``, and the Python-side ``Tensor.tolist``/``Tensor.numpy``. Calls of
 torchvision's ``nms`` are counted in a column of their own: its CUDA kernel copies its mask to the host, a
-sync neither implementation can avoid per NMS call. Our RoIAlign runs through torchvision's kernels
-(``roi_align.torchvision_kernels``), as on CUDA: the vectorised CPU path is CPU-only. The optimizer is SGD
+sync neither implementation can avoid per NMS call. RoIAlign is torchvision's, as on CUDA (the opt-in
+vectorised CPU kernel, ``htc_lightning.accel.roi_align_cpu``, stays off). The optimizer is SGD
 with ``foreach=True``, what it picks on CUDA. Training is one step at ``--train-batch``, inference one
 ``predict`` at ``--infer-batch``; a warm-up step runs uncounted first.
 
@@ -247,8 +247,6 @@ def _step(model, images, batch, mode: str, parts: Part, loss_fn):
 
 def measure(opts: dict) -> dict:
     """One implementation ("ours" or "mmdet"), one mode: counts per part (and timings on CUDA)."""
-    from htc_lightning.models.layers.roi_align import torchvision_kernels
-
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(0)
     parts = Part()
@@ -270,12 +268,11 @@ def measure(opts: dict) -> dict:
         def loss_fn():
             return model.parse_losses(model.loss(images, samples))[0]
     step = _step(model, images, actions, opts["mode"], parts, loss_fn)
-    with torchvision_kernels():
-        step()  # warm-up: lazy initialisation is not a per-step cost
-        counter = make_counter(parts, opts["where"] > 0)
-        with counter:
-            step()
-        seconds = _time(step, opts["runs"], 1, opts["device"]) if opts["device"] == "cuda" else None
+    step()  # warm-up: lazy initialisation is not a per-step cost
+    counter = make_counter(parts, opts["where"] > 0)
+    with counter:
+        step()
+    seconds = _time(step, opts["runs"], 1, opts["device"]) if opts["device"] == "cuda" else None
     return {"ops": dict(counter.ops), "syncs": {f"{p}|{k}": n for (p, k), n in counter.syncs.items()},
             "lines": {f"{k}|{line}": n for (k, line), n in counter.lines.most_common(opts["where"])},
             "top_ops": {f"{p}|{op}": n for (p, op), n in counter.op_names.most_common(opts["top_ops"])},

@@ -3,6 +3,7 @@
     python benchmarks/htc_speed.py                       # ours, CPU, fp32, 800x1216
     python benchmarks/htc_speed.py --vs-mmdet --mmcv-shim ../shared/oracle   # and mmdetection, same run
     python benchmarks/htc_speed.py --device cuda --precisions 32 16-mixed bf16-mixed --channels-last
+    python benchmarks/htc_speed.py --threads 2 --vectorised-roi-align   # and with the opt-in CPU RoIAlign
 
 Random weights, 80 classes, semantic head; training batches carry ``--objects`` boxes with masks and a
 semantic map per image. Each measurement runs in a fresh process so that its peak memory (RSS on CPU,
@@ -90,6 +91,10 @@ def _measure_ours(opts: dict) -> dict:
     torch.set_num_threads(opts["threads"])
     device = opts["device"]
     det, images, targets = ours_model_and_batch(opts)
+    if opts.get("vectorised_roi_align"):
+        from htc_lightning.accel.roi_align_cpu import use_vectorised_roi_align
+
+        use_vectorised_roi_align(det)
     if opts["channels_last"]:
         det = det.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--precisions", nargs="+", default=["32"], choices=["32", "16-mixed", "bf16-mixed"])
     ap.add_argument("--channels-last", action="store_true", help="also measure with channels_last")
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile on backbone+neck")
+    ap.add_argument("--vectorised-roi-align", action="store_true",
+                    help="also measure with the opt-in CPU RoIAlign (htc_lightning.accel.roi_align_cpu)")
     ap.add_argument("--vs-mmdet", action="store_true", help="also measure mmdetection's HTC (fp32, on --device)")
     ap.add_argument("--mmcv-shim", default=str(ROOT.parent / "shared" / "oracle"),
                     help="folder holding mmcv_ops_shim.py")
@@ -250,11 +257,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     base = dict(config=args.config, height=args.height, width=args.width, objects=args.objects, runs=args.runs,
                 warmup=args.warmup, threads=args.threads, device=args.device, mmcv_shim=args.mmcv_shim)
-    variants = [(p, False, False) for p in args.precisions]
+    variants = [(p, False, False, False) for p in args.precisions]
     if args.channels_last:
-        variants += [(p, True, False) for p in args.precisions]
+        variants += [(p, True, False, False) for p in args.precisions]
     if args.compile:
-        variants += [(p, False, True) for p in args.precisions]
+        variants += [(p, False, True, False) for p in args.precisions]
+    if args.vectorised_roi_align:
+        variants += [(p, False, False, True) for p in args.precisions]
     jobs = [("inference", 1)] + ([] if args.skip_train else [("train", b) for b in args.batch_sizes])
     rows = []
     for mode, batch in jobs:
@@ -262,10 +271,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.vs_mmdet:
             ref = run_isolated("_measure_mmdet", {**base, "mode": mode, "batch": batch})
             rows.append(("mmdet 3.3.0", mode, batch, "32", "", ref, None))
-        for precision, cl, comp in variants:
+        for precision, cl, comp, vec in variants:
             res = run_isolated("_measure_ours", {**base, "mode": mode, "batch": batch, "precision": precision,
-                                                 "channels_last": cl, "compile": comp})
-            flags = ",".join(f for f, on in (("channels_last", cl), ("compile", comp)) if on)
+                                                 "channels_last": cl, "compile": comp, "vectorised_roi_align": vec})
+            flags = ",".join(f for f, on in (("channels_last", cl), ("compile", comp), ("vectorised_roi_align", vec))
+                             if on)
             rows.append(("htc-lightning", mode, batch, precision, flags, res, ref))
 
     print(f"\nHTC R-50-FPN at {args.height}x{args.width}, device {args.device}, {args.threads} threads "

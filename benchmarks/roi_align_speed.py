@@ -1,4 +1,4 @@
-"""RoIAlign on CPU: torchvision's kernels vs ``htc_lightning.models.layers.roi_align``, forward and backward.
+"""RoIAlign on CPU: torchvision's kernels (the default) vs the opt-in ``htc_lightning.accel.roi_align_cpu``.
 
 Features (``--batch``, ``--channels``, ``--size`` x ``--size``) at ``--stride``; RoIs of ``--min-roi`` ..
 ``--max-roi`` input pixels on random images. For each thread count, output size and RoI count: forward and
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align as tv_roi_align
 
-from htc_lightning.models.layers.roi_align import roi_align
+from htc_lightning.accel.roi_align_cpu import roi_align
 
 
 def make_rois(n: int, batch: int, image_size: float, min_roi: float, max_roi: float,

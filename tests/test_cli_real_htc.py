@@ -129,6 +129,19 @@ def test_real_htc_trains_in_bf16_mixed_precision_on_cpu(tmp_path, coco_root):
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
+def test_real_htc_trains_with_the_opt_in_vectorised_cpu_roi_align_from_a_callback_flag(tmp_path, coco_root):
+    from htc_lightning.accel.roi_align_cpu import roi_align
+    from htc_lightning.models.layers.roi_extractor import MultiLevelRoIAlign
+
+    cli = HTCLightningCLI(args=["fit", "--config", tiny_htc_config(tmp_path, coco_root), "--trainer.callbacks+="
+                                "htc_lightning.accel.roi_align_cpu.VectorisedCPURoIAlign", "--trainer.max_steps", "1",
+                                "--trainer.limit_val_batches", "0"])
+    extractors = [m for m in cli.model.modules() if isinstance(m, MultiLevelRoIAlign)]
+    assert len(extractors) == 3 and all(e.kernel is roi_align for e in extractors)  # box, mask and semantic
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])
+
+
 @pytest.mark.slow
 def test_real_htc_trains_with_two_ddp_processes_via_the_cli(tmp_path, coco_root):
     # the `ddp` strategy relaunches the command itself, as on a cluster: run the CLI as a subprocess

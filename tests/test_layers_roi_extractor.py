@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,52 @@ def test_forward_equals_roi_align_on_each_rois_level():
         lvl = int(levels[i])
         expected = roi_align(feats[lvl], rois[i:i + 1], (7, 7), 1.0 / STRIDES[lvl], 0, True)
         assert torch.allclose(out[i:i + 1], expected, atol=1e-6)
+
+
+def _mmcv_roi_align(feat: torch.Tensor, roi: list[float], size: int, scale: float) -> torch.Tensor:
+    """mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` of one RoI, sample by sample in float64: the
+    half-pixel offset, ceil(bin) samples per bin side, zero past [-1, H] x [-1, W], taps clamped at the edge."""
+    feat = feat.double()
+    _, channels, height, width = feat.shape
+    b, x1, y1, x2, y2 = roi
+    start_x, start_y = x1 * scale - 0.5, y1 * scale - 0.5
+    bin_w, bin_h = (x2 - x1) * scale / size, (y2 - y1) * scale / size
+    grid_w, grid_h = math.ceil(bin_w), math.ceil(bin_h)
+
+    def axis(pos: float, extent: int) -> tuple[int, int, float]:
+        pos = max(pos, 0.0)
+        low = int(pos)
+        if low >= extent - 1:
+            return extent - 1, extent - 1, 0.0
+        return low, low + 1, pos - low
+
+    def bilinear(y: float, x: float) -> torch.Tensor:
+        if y < -1.0 or y > height or x < -1.0 or x > width:
+            return torch.zeros(channels, dtype=torch.float64)
+        (y0, y1_, ly), (x0, x1_, lx) = axis(y, height), axis(x, width)
+        f = feat[int(b)]
+        return ((1 - ly) * (1 - lx) * f[:, y0, x0] + (1 - ly) * lx * f[:, y0, x1_]
+                + ly * (1 - lx) * f[:, y1_, x0] + ly * lx * f[:, y1_, x1_])
+
+    out = torch.zeros(channels, size, size, dtype=torch.float64)
+    for p in range(size):
+        for q in range(size):
+            for iy in range(grid_h):
+                for ix in range(grid_w):
+                    out[:, p, q] += bilinear(start_y + p * bin_h + (iy + 0.5) * bin_h / grid_h,
+                                             start_x + q * bin_w + (ix + 0.5) * bin_w / grid_w)
+            out[:, p, q] /= grid_h * grid_w
+    return out
+
+
+def test_pooling_is_mmcvs_roi_align_with_aligned_true_and_adaptive_sampling():
+    feat = torch.randn(2, 3, 12, 15, generator=torch.Generator().manual_seed(4))
+    # inside, partly and wholly off the stride-8 map (96 x 120 px), sub-pixel, and large (several samples a bin)
+    rois = [[0.0, 10.0, 12.0, 60.0, 70.0], [1.0, -20.0, 40.0, 30.0, 110.0], [0.0, 100.0, 80.0, 140.0, 130.0],
+            [1.0, 3.0, 5.0, 7.0, 6.0], [0.0, -300.0, -200.0, -250.0, -120.0], [1.0, 0.0, 0.0, 120.0, 96.0]]
+    out = MultiLevelRoIAlign(7, [8])([feat], torch.tensor(rois))
+    expected = torch.stack([_mmcv_roi_align(feat, roi, 7, 1 / 8) for roi in rois]).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_uses_only_the_first_len_strides_features():

@@ -2,16 +2,26 @@
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
-from htc_lightning.models.layers.roi_align import roi_align
 from htc_lightning.models.layers.tracing import exporting, known_empty
+
+
+def roi_align(feat: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+              sampling_ratio: int = 0, aligned: bool = True, avg_pool: int = 1) -> Tensor:
+    """``torchvision.ops.roi_align``, average-pooled by ``avg_pool``: (K, C, S / avg_pool, S / avg_pool).
+    With ``aligned=True`` it is mmcv's ``RoIAlign(pool_mode="avg", aligned=True)``: the same half-pixel
+    offset, adaptive grid (``ceil(roi / bins)`` samples per bin for ``sampling_ratio=0``) and out-of-map rule."""
+    out = torchvision.ops.roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return F.avg_pool2d(out, avg_pool) if avg_pool > 1 else out
 
 
 class MultiLevelRoIAlign(nn.Module):
     """Each RoI is pooled from one level: ``floor(log2(sqrt(w*h) / finest_scale + 1e-6))`` clamped to the
-    levels (w = x2 - x1). RoIAlign with torchvision's semantics (``aligned=True``, ``sampling_ratio=0``),
-    vectorised on CPU in both directions (``layers.roi_align``).
+    levels (w = x2 - x1), with ``kernel`` (``roi_align`` above: torchvision's, ``aligned=True``,
+    ``sampling_ratio=0``; ``htc_lightning.accel.roi_align_cpu`` swaps in a vectorised CPU one).
     With one stride it is a plain single-level RoIAlign (the semantic feature at stride 8)."""
 
     def __init__(self, output_size: int, featmap_strides: Sequence[int], sampling_ratio: int = 0,
@@ -24,6 +34,7 @@ class MultiLevelRoIAlign(nn.Module):
         self.sampling_ratio = int(sampling_ratio)
         self.finest_scale = finest_scale
         self.aligned = aligned
+        self.kernel = roi_align
 
     @property
     def num_inputs(self) -> int:
@@ -52,7 +63,7 @@ class MultiLevelRoIAlign(nn.Module):
             if known_empty(rois.shape[0]):
                 out_size = (self.output_size // avg_pool,) * 2
                 return feats[0].new_zeros(0, feats[0].shape[1], *out_size) + feats[0].sum() * 0
-            return roi_align(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
+            return self.kernel(feats[0], rois_t, size, 1.0 / self.featmap_strides[0], self.sampling_ratio,
                              self.aligned, avg_pool)
         levels = self.map_roi_levels(rois, num_levels)
         if exporting():
@@ -75,7 +86,7 @@ class MultiLevelRoIAlign(nn.Module):
                 continue
             inds = order[start:start + count]
             start += count
-            out.index_copy_(0, inds, roi_align(feat, rois_t.index_select(0, inds), size, 1.0 / stride,
+            out.index_copy_(0, inds, self.kernel(feat, rois_t.index_select(0, inds), size, 1.0 / stride,
                                                self.sampling_ratio, self.aligned, avg_pool))
         if unused is not None:
             if out.shape[0] == 0:

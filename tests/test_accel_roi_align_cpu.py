@@ -3,7 +3,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align as tv_roi_align
 
-from htc_lightning.models.layers.roi_align import roi_align, roi_align_backward_cpu
+from htc_lightning.accel.roi_align_cpu import (
+    VectorisedCPURoIAlign,
+    roi_align,
+    roi_align_backward_cpu,
+    use_vectorised_roi_align,
+)
+from htc_lightning.models.layers.roi_extractor import MultiLevelRoIAlign
 
 
 def _rois(n: int, batch: int, extent: float, min_size: float, max_size: float, seed: int,
@@ -30,7 +36,7 @@ def _grads(feat, rois, size, scale, sampling_ratio=0, aligned=True, seed=0):
 @pytest.fixture(autouse=True)
 def _our_forward_at_any_width(monkeypatch):
     """The test features are narrow; without this most of them would take torchvision's forward."""
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     monkeypatch.setattr(module, "_MIN_CHANNELS", 1)
 
@@ -62,7 +68,7 @@ FORWARD_CASES = [
 @pytest.mark.parametrize("threshold", FORWARD_PATHS)
 @pytest.mark.parametrize("case", range(len(FORWARD_CASES)))
 def test_forward_equals_torchvision(case, threshold, monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     if threshold is not None:
         monkeypatch.setattr(module, "_SMALL_WINDOW", threshold)
@@ -73,7 +79,7 @@ def test_forward_equals_torchvision(case, threshold, monkeypatch):
 
 
 def test_forward_equals_torchvision_when_small_windows_are_split_into_chunks(monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     monkeypatch.setattr(module, "_CHUNK_BYTES", 1)  # every RoI its own group
     feat = _feat()
@@ -84,7 +90,7 @@ def test_forward_equals_torchvision_when_small_windows_are_split_into_chunks(mon
 
 @pytest.mark.parametrize("threshold", FORWARD_PATHS)
 def test_avg_pool_equals_roi_align_then_average_pooling(threshold, monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     if threshold is not None:
         monkeypatch.setattr(module, "_SMALL_WINDOW", threshold)
@@ -113,7 +119,7 @@ def test_forward_rejects_a_batch_index_outside_the_features():
 
 
 def test_narrow_features_use_torchvision_forward_and_wide_ones_ours(monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     monkeypatch.setattr(module, "_MIN_CHANNELS", 8)
     calls = []
@@ -139,12 +145,21 @@ def test_forward_under_cpu_autocast_pools_in_float32():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_float64_and_half_features_use_torchvision_forward():
+def test_float64_and_half_features_and_exporting_use_torchvision(monkeypatch):
+    import htc_lightning.accel.roi_align_cpu as module
+
+    def not_ours(*args):
+        raise AssertionError("the vectorised forward ran")
+
+    monkeypatch.setattr(module, "roi_align_forward_cpu", not_ours)
     rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=9)
     for dtype in (torch.float64, torch.float16):
         feat = _feat(dtype=dtype)
         assert torch.equal(roi_align(feat, rois.to(dtype), 7, 0.25),
                            tv_roi_align(feat, rois.to(dtype), 7, 0.25, 0, True))
+    monkeypatch.setattr(module, "exporting", lambda: True)  # the exporters know torchvision's op
+    assert torch.equal(roi_align(_feat(), rois, 14, 0.25, avg_pool=2),
+                       F.avg_pool2d(tv_roi_align(_feat(), rois, 14, 0.25, 0, True), 2))
 
 
 @pytest.mark.parametrize("size", [7, 14, (3, 5)])
@@ -196,7 +211,7 @@ def test_gradient_equals_torchvision_for_one_pixel_high_map():
 
 
 def test_gradient_equals_torchvision_when_rois_are_split_into_chunks(monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     monkeypatch.setattr(module, "_CHUNK_BYTES", 1)  # every RoI its own chunk
     feat = _feat()
@@ -206,7 +221,7 @@ def test_gradient_equals_torchvision_when_rois_are_split_into_chunks(monkeypatch
 
 
 def test_large_sample_counts_are_processed_in_bounded_chunks(monkeypatch):
-    import htc_lightning.models.layers.roi_align as module
+    import htc_lightning.accel.roi_align_cpu as module
 
     calls = []
     original = module._backward_chunk
@@ -227,21 +242,6 @@ def test_empty_rois_give_zero_gradient():
     assert torch.equal(feat.grad, torch.zeros_like(feat))
 
 
-def test_half_precision_gradient_is_the_float32_gradient_rounded_to_half():
-    # torchvision's own fp16 CPU backward accumulates in fp16; ours accumulates in fp32 like a float32 pass
-    feat = _feat(dtype=torch.float16)
-    rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=9).half()
-    x = feat.clone().requires_grad_(True)
-    out = roi_align(x, rois, 7, 0.25)
-    assert torch.equal(out, tv_roi_align(feat, rois, 7, 0.25, 0, True))
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
-    out.backward(upstream.half())
-    ref_x = feat.float().requires_grad_(True)
-    tv_roi_align(ref_x, rois.float(), 7, 0.25, 0, True).backward(upstream.half().float())
-    assert x.grad.dtype == torch.float16
-    torch.testing.assert_close(x.grad, ref_x.grad.half(), rtol=1e-3, atol=1e-4)
-
-
 def test_bfloat16_features_pool_in_float32_and_return_bfloat16_gradient():
     feat = _feat()
     rois = _rois(20, 2, 50.0, 2.0, 40.0, seed=10)
@@ -257,24 +257,33 @@ def test_bfloat16_features_pool_in_float32_and_return_bfloat16_gradient():
     torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-2)
 
 
-def test_gradcheck_float64():
-    feat = _feat(batch=2, channels=2, height=5, width=6, dtype=torch.float64).requires_grad_(True)
-    rois = torch.tensor([[0.0, 1.3, 0.7, 9.1, 7.6], [1.0, -2.0, 3.1, 5.2, 12.0]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 3, 0.5, 0, True), (feat,))
-
-
-def test_backward_restores_the_intra_op_thread_count():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        feat = _feat().requires_grad_(True)
-        roi_align(feat, _rois(5, 2, 50.0, 2.0, 40.0, seed=11), 7, 0.25).sum().backward()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_backward_rejects_a_batch_index_outside_the_features():
     rois = torch.tensor([[2.0, 1.0, 1.0, 20.0, 20.0]])
     with pytest.raises(ValueError, match="batch index 2"):
         roi_align_backward_cpu(torch.ones(1, 3, 7, 7), rois, 0.25, (7, 7), (2, 3, 12, 15), 0, True)
+
+
+def test_every_roi_extractor_of_a_model_pools_with_the_vectorised_kernel_and_gets_the_same_numbers():
+    pyramid, semantic = MultiLevelRoIAlign(14, (4, 8, 16, 32)), MultiLevelRoIAlign(14, (8,))
+    model = torch.nn.ModuleDict({"mask_roi_extractor": pyramid, "head": torch.nn.Sequential(semantic)})
+    assert use_vectorised_roi_align(model) == 2
+    assert pyramid.kernel is roi_align and semantic.kernel is roi_align
+    # the swapped kernel pools as torchvision's does: pooled output and gradient on every level
+    feats = [torch.randn(1, 8, 256 // s, 320 // s, generator=torch.Generator().manual_seed(s)) for s in (4, 8, 16, 32)]
+    rois = _rois(40, 1, 250.0, 4.0, 500.0, seed=13)
+    results = []
+    for extractor in (MultiLevelRoIAlign(14, (4, 8, 16, 32)), pyramid):
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        out = extractor(xs, rois, avg_pool=2)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((out, [x.grad for x in xs]))
+    (ref, ref_grads), (ours, our_grads) = results
+    assert len(set(pyramid.map_roi_levels(rois, 4).tolist())) == 4
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(our_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_the_callback_refuses_a_model_without_roi_extractors():
+    with pytest.raises(ValueError, match="no MultiLevelRoIAlign to speed up; remove the callback"):
+        VectorisedCPURoIAlign().setup(None, torch.nn.Linear(2, 2), "fit")

@@ -1,19 +1,32 @@
-"""RoIAlign (torchvision's semantics) with a fast CPU forward and backward.
+"""An opt-in RoIAlign for CPU training and inference: torchvision's numbers, vectorised in both directions.
 
-torchvision's CPU kernels are serial and scalar: the forward interpolates every (RoI, channel, bin, sample)
-on its own, and the backward is a scatter that recomputes the bilinear weights for every channel. On a CPU
-step of HTC they were a large part of inference and most of training. Both directions here rest on one fact:
-the sampling grid of a bin is a product of its y and x samples, and a bilinear weight is a product of a
-y-weight and an x-weight, so RoIAlign of one RoI is ``A_y @ F @ A_x^T`` on the window of the feature map
-its taps touch, where ``A_y`` (bins x window rows) and ``A_x`` (bins x window columns) hold each bin's
-summed tap weights. Those are built once per RoI and applied to all channels with matrix products.
+The model library pools with ``torchvision.ops.roi_align`` on every device. torchvision's CPU kernels are
+serial and scalar: the forward interpolates every (RoI, channel, bin, sample) on its own, and the backward is
+a scatter that recomputes the bilinear weights for every channel. This module computes the same numbers with
+matrix products; turn it on for a model with ``use_vectorised_roi_align(model)``, or from a config with the
+``VectorisedCPURoIAlign`` callback::
 
-* Forward (float32/bfloat16 features of at least ``_MIN_CHANNELS`` channels, or a pooled output; narrower
-  ones keep torchvision's kernel, which is faster there): RoIs with a small window are batched (their
-  windows gathered as rows of channels, padded to a chunk's largest); large ones run one at a time on a
-  strided view of the map, without a copy. ``avg_pool`` folds an average pooling of the output into
-  ``A_y``/``A_x`` (HTC pools the 14x14 semantic RoI feature to 7x7 for its box branch), which is exact and
-  skips the large intermediate.
+    trainer:
+      callbacks:
+        - class_path: htc_lightning.accel.roi_align_cpu.VectorisedCPURoIAlign
+
+It changes nothing on CUDA, in other dtypes than float32/bfloat16, or while exporting (torchvision's op is
+what the exporters know): there every ``MultiLevelRoIAlign`` keeps torchvision's kernels. It pays with one
+intra-op thread (``torch.set_num_threads(1)``, the caller's choice): 17 % less CPU time per HTC R-50 training
+step at 800x1216. With more, each of its many small ops pays a parallel-region barrier, which on shared cores
+costs more than the work: at 2 threads the same step took ~30 % more CPU time than torchvision's (README, Speed).
+
+Both directions rest on one fact: the sampling grid of a bin is a product of its y and x samples, and a
+bilinear weight is a product of a y-weight and an x-weight, so RoIAlign of one RoI is ``A_y @ F @ A_x^T`` on
+the window of the feature map its taps touch, where ``A_y`` (bins x window rows) and ``A_x`` (bins x window
+columns) hold each bin's summed tap weights. Those are built once per RoI and applied to all channels with
+matrix products.
+
+* Forward (features of at least ``_MIN_CHANNELS`` channels, or a pooled output; narrower ones keep
+  torchvision's kernel, which is faster there): RoIs with a small window are batched (their windows gathered
+  as rows of channels, padded to a chunk's largest); large ones run one at a time on a strided view of the
+  map, without a copy. ``avg_pool`` folds an average pooling of the output into ``A_y``/``A_x`` (HTC pools
+  the 14x14 semantic RoI feature to 7x7 for its box branch), which is exact and skips the large intermediate.
 * Backward: the x-contraction is a dense batched matmul over a per-RoI column window; the remaining
   y-contraction is a sparse (pixels x window-rows) matrix times the dense (window-rows x channels) result,
   accumulated with a sparse-dense ``addmm_`` (one axpy over the channels per entry).
@@ -21,18 +34,18 @@ summed tap weights. Those are built once per RoI and applied to all channels wit
 Sample positions, the adaptive grid (``ceil(roi / bins)`` samples per bin), the out-of-map rule and the edge
 clamping follow torchvision's CPU kernel (``roi_align_kernel.cpp``) operation by operation in float32, so
 results match torchvision's up to the order of float summation (max abs diff ~1e-6 on unit-scale features).
-Other dtypes than float32/bfloat16, and CUDA tensors, use torchvision's kernels.
 """
-import contextlib
 from collections.abc import Sequence
 
+import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from pytorch_lightning import Callback
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torchvision.ops import roi_align as tv_roi_align
 
-from .tracing import exporting
+from htc_lightning.models.layers.roi_extractor import MultiLevelRoIAlign
+from htc_lightning.models.layers.roi_extractor import roi_align as torchvision_roi_align
+from htc_lightning.models.layers.tracing import exporting
 
 # Bound on the bytes of one chunk's intermediates. Small enough for the allocator to recycle the buffers from
 # chunk to chunk: fresh large allocations pay a page fault per 4 KiB and cost more than the arithmetic.
@@ -156,24 +169,8 @@ def roi_align_backward_cpu(grad: Tensor, rois: Tensor, spatial_scale: float, poo
     batch, channels, height, width = feat_shape
     out = torch.zeros(batch * height * width, channels, dtype=torch.float32)
     if rois.shape[0] > 0 and out.numel() > 0:
-        with _single_thread():
-            _accumulate(out, grad, rois, spatial_scale, pooled, sampling_ratio, aligned, height, width)
+        _accumulate(out, grad, rois, spatial_scale, pooled, sampling_ratio, aligned, height, width)
     return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
-
-
-@contextlib.contextmanager
-def _single_thread():
-    # The chunks are many small ops; with intra-op threads each one pays a parallel-region barrier, which on
-    # shared cores (another process holding the second core) cost 10x the work itself (benchmarks/
-    # roi_align_speed.py). torchvision's CPU kernel is single-threaded as well.
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 def _accumulate(out: Tensor, grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
@@ -297,24 +294,8 @@ def roi_align_forward_cpu(feat: Tensor, rois: Tensor, spatial_scale: float, pool
     return out
 
 
-# Set by ``torchvision_kernels()``: CPU tensors take the CUDA code path (torchvision's kernels both ways).
-_FORCE_TORCHVISION = False
-
-
-@contextlib.contextmanager
-def torchvision_kernels():
-    """Run RoIAlign through torchvision's kernels on CPU too, as it runs on CUDA: what a count of the ops a
-    GPU step launches needs (``benchmarks/gpu_readiness.py``); the vectorised CPU path is many small ops."""
-    global _FORCE_TORCHVISION
-    previous, _FORCE_TORCHVISION = _FORCE_TORCHVISION, True
-    try:
-        yield
-    finally:
-        _FORCE_TORCHVISION = previous
-
-
-def _use_cpu_forward(feat: Tensor, avg_pool: int) -> bool:
-    if _FORCE_TORCHVISION or feat.device.type != "cpu" or feat.dtype not in (torch.float32, torch.bfloat16):
+def _vectorised(feat: Tensor, avg_pool: int) -> bool:
+    if exporting() or feat.device.type != "cpu" or feat.dtype not in (torch.float32, torch.bfloat16):
         return False
     return feat.shape[1] >= _MIN_CHANNELS or avg_pool > 1
 
@@ -325,19 +306,12 @@ class _RoIAlign(torch.autograd.Function):
                 sampling_ratio: int, aligned: bool, avg_pool: int) -> Tensor:
         ctx.save_for_backward(rois)
         ctx.args = (output_size, spatial_scale, sampling_ratio, aligned, tuple(feat.shape), feat.dtype, avg_pool)
-        if _use_cpu_forward(feat, avg_pool):
-            # bf16: torchvision has no bf16 CPU kernel; like its autocast wrapper, pool in float32, cast back
-            # and in float32 even under autocast, which would otherwise run the weight products in bf16
-            with torch.autocast("cpu", enabled=False):
-                out = roi_align_forward_cpu(feat.float(), rois, spatial_scale, output_size, sampling_ratio, aligned,
-                                            avg_pool)
-            return out.to(feat.dtype)
-        if feat.dtype == torch.bfloat16 and feat.device.type == "cpu":
-            out = tv_roi_align(feat.float(), rois.float(), output_size, spatial_scale, sampling_ratio,
-                               aligned).to(feat.dtype)
-        else:
-            out = tv_roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
-        return F.avg_pool2d(out, avg_pool) if avg_pool > 1 else out
+        # bf16: torchvision has no bf16 CPU kernel; like its autocast wrapper, pool in float32 and cast back,
+        # in float32 even under autocast, which would otherwise run the weight products in bf16
+        with torch.autocast("cpu", enabled=False):
+            out = roi_align_forward_cpu(feat.float(), rois, spatial_scale, output_size, sampling_ratio, aligned,
+                                        avg_pool)
+        return out.to(feat.dtype)
 
     @staticmethod
     @once_differentiable
@@ -349,26 +323,20 @@ class _RoIAlign(torch.autograd.Function):
         if avg_pool > 1:
             # each pooled bin averages avg_pool**2 RoIAlign bins: they share its gradient equally
             grad_out = grad_out.repeat_interleave(avg_pool, 2).repeat_interleave(avg_pool, 3) / avg_pool**2
-        if grad_out.device.type == "cpu" and not _FORCE_TORCHVISION:
-            grad_feat = roi_align_backward_cpu(grad_out, rois, spatial_scale, output_size, shape,
-                                               sampling_ratio, aligned)
-        else:
-            batch, channels, height, width = shape
-            grad_feat = torch.ops.torchvision._roi_align_backward(
-                grad_out.contiguous(), rois.to(grad_out.dtype), spatial_scale, output_size[0], output_size[1],
-                batch, channels, height, width, sampling_ratio, aligned)
+        grad_feat = roi_align_backward_cpu(grad_out, rois, spatial_scale, output_size, shape, sampling_ratio,
+                                           aligned)
         return grad_feat.to(dtype).contiguous(), None, None, None, None, None, None
 
 
 def roi_align(feat: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float,
               sampling_ratio: int = 0, aligned: bool = True, avg_pool: int = 1) -> Tensor:
-    """``torchvision.ops.roi_align`` (same numbers up to float summation order), vectorised on CPU.
+    """``MultiLevelRoIAlign``'s kernel (``torchvision.ops.roi_align``, then ``avg_pool``), vectorised on CPU.
 
     ``feat`` (B, C, H, W); ``rois`` (K, 5) rows of (batch index, x1, y1, x2, y2) in input pixels, same dtype
-    as ``feat`` (bf16 features on CPU are pooled in float32 and cast back). ``avg_pool`` > 1 returns the
-    (out_h, out_w) RoIAlign average-pooled by that factor (which must divide both), i.e. (K, C, out_h /
-    avg_pool, out_w / avg_pool), without building the full-size result on CPU. No gradient flows to ``rois``,
-    as in torchvision."""
+    as ``feat`` (bf16 features are pooled in float32 and cast back). ``avg_pool`` > 1 returns the (out_h,
+    out_w) RoIAlign average-pooled by that factor (which must divide both), i.e. (K, C, out_h / avg_pool,
+    out_w / avg_pool), without building the full-size result. No gradient flows to ``rois``, as in
+    torchvision. Elsewhere (CUDA, other dtypes, exporting, narrow features) it is torchvision's kernel."""
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"roi_align: rois must be (K, 5), got {tuple(rois.shape)}")
     if feat.dim() != 4:
@@ -377,9 +345,23 @@ def roi_align(feat: Tensor, rois: Tensor, output_size: int | Sequence[int], spat
     avg_pool = int(avg_pool)
     if avg_pool < 1 or size[0] % avg_pool or size[1] % avg_pool:
         raise ValueError(f"roi_align: avg_pool {avg_pool} must be >= 1 and divide output_size {size}")
-    if exporting():
-        # torchvision's op is what the exporters know (a fake kernel for torch.export, RoiAlign in ONNX); the
-        # vectorised CPU path is a different program of the same numbers (up to float summation order)
-        out = tv_roi_align(feat, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned))
-        return F.avg_pool2d(out, avg_pool) if avg_pool > 1 else out
+    if not _vectorised(feat, avg_pool):
+        return torchvision_roi_align(feat, rois, size, spatial_scale, sampling_ratio, aligned, avg_pool)
     return _RoIAlign.apply(feat, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned), avg_pool)
+
+
+def use_vectorised_roi_align(model: nn.Module) -> int:
+    """Makes every ``MultiLevelRoIAlign`` in ``model`` pool with ``roi_align`` above; returns how many."""
+    extractors = [m for m in model.modules() if isinstance(m, MultiLevelRoIAlign)]
+    for extractor in extractors:
+        extractor.kernel = roi_align
+    return len(extractors)
+
+
+class VectorisedCPURoIAlign(Callback):
+    """``use_vectorised_roi_align`` on the LightningModule before fit / validate / test / predict."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if use_vectorised_roi_align(pl_module) == 0:
+            raise ValueError("VectorisedCPURoIAlign: the model has no MultiLevelRoIAlign to speed up; remove the "
+                             "callback from trainer.callbacks")
