@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_info
 from torch import Tensor, nn
 
 from ._lightning_compat import built_by_lightning_cli
@@ -316,11 +316,11 @@ class DetectionModule(pl.LightningModule):
         trainer = self.attached_trainer()
         ckpt_path = self.resume_ckpt_path or (trainer.ckpt_path if trainer is not None else None)
         if ckpt_path:
-            rank_zero_print(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
+            rank_zero_info(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
             return
         self.load_report = load_weights(self.detector, self.load_from, self.load_from_format,
                                         allow_new_classes=stage == "fit")
-        rank_zero_print(self.load_report.format(f"load_from {self.load_from}"))
+        rank_zero_info(self.load_report.format(f"load_from {self.load_from}"))
 
     def configure_optimizers(self) -> dict[str, Any] | tuple[list, list]:
         if self.param_group_rules or self.norm_decay_mult is not None or self.bias_decay_mult is not None:
@@ -378,7 +378,7 @@ class DetectionModule(pl.LightningModule):
             # detectron2's habit: a test run leaves its COCO results next to its logs
             prefix = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "results.test")
         if ann_file is None and (prefix is None or cat_ids is None):
-            rank_zero_warn_once(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
+            _warning_cache.warn(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
             return None
         evaluator = CocoEvaluator(None if ann_file is None else str(ann_file),
                                   None if cat_ids is None else list(cat_ids), iou_types=self.default_iou_types(),
@@ -405,9 +405,9 @@ class DetectionModule(pl.LightningModule):
         self.written_results = list(self._evaluator.written_files)
         self._evaluator.reset()
         if self.written_results and stage == "test":
-            rank_zero_print("COCO results written: " + ", ".join(self.written_results))
+            rank_zero_info("COCO results written: " + ", ".join(self.written_results))
         if self._evaluator.classwise_table and stage == "test":
-            rank_zero_print("per-category AP (test):\n" + self._evaluator.classwise_table)
+            rank_zero_info("per-category AP (test):\n" + self._evaluator.classwise_table)
         if metrics:
             # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
             # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.
@@ -474,17 +474,4 @@ class DetectionModule(pl.LightningModule):
 HTCModule = DetectionModule
 
 
-@rank_zero_only
-def rank_zero_print(message: str) -> None:
-    print(message, flush=True)
-
-
-_warned: set[str] = set()
-
-
-def rank_zero_warn_once(message: str) -> None:
-    from pytorch_lightning.utilities import rank_zero_warn
-
-    if message not in _warned:
-        _warned.add(message)
-        rank_zero_warn(message)
+_warning_cache = WarningCache()  # a missing annotation file is said once per process, not once per stage run
