@@ -5,12 +5,12 @@ The :class:`~htc_lightning.models.detector.Detector` stays a plain ``nn.Module``
 subclasses the module and replaces one hook:
 
 - :meth:`compute_loss` (batch -> dict of loss terms; accuracies into ``metrics``), :meth:`sum_losses` (the total),
-- :meth:`check_finite` (the NaN/inf guard of losses and gradients), :meth:`lr_factor` (warm-up and step schedule),
+- :meth:`check_finite` (the NaN/inf guard of losses and gradients), :meth:`configure_optimizers` (optimiser, warm-up
+  and decay),
 - :meth:`build_evaluator` (COCO metrics of a stage), :meth:`predict_batch` (batch -> Detections).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_info
 from torch import Tensor
 
 from ._lightning_compat import built_by_lightning_cli
@@ -117,6 +117,9 @@ class DetectionModule(pl.LightningModule):
             raise ValueError(f"nan_policy {nan_policy!r}: expected 'raise' or 'skip'")
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips={max_consecutive_skips}: expected at least 1")
+        if warmup_iters > 0 and not 0 < warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio={warmup_ratio}: expected 0 < warmup_ratio <= 1 (the warm-up starts at "
+                             "warmup_ratio x lr), or warmup_iters=0 for no warm-up")
         # Under LightningCLI the hparams are the parsed config (the detector as class_path/init_args), which
         # lets ``test/predict --ckpt_path`` rebuild the model; from Python they would be the module object itself.
         # The TTA is a test-time choice, never stored: ``test --ckpt_path`` applies the checkpoint's hparams over
@@ -156,7 +159,6 @@ class DetectionModule(pl.LightningModule):
         self._optimiser_from_config = False
         self._evaluator = None
         self._images_logged = 0
-        self._steps_per_epoch: int | None = None
 
     # -- training ----------------------------------------------------------------------------------------
 
@@ -288,26 +290,6 @@ class DetectionModule(pl.LightningModule):
             return 1.0
         return global_bs / self.base_batch_size
 
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the scaled lr for optimiser step ``step`` (0-based): warm-up x step decay."""
-        warmup = 1.0
-        if step < self.warmup_iters:
-            warmup = 1.0 - (1.0 - self.warmup_ratio) * (1.0 - step / self.warmup_iters)
-        epoch = step // self.steps_per_epoch() if step > 0 else 0
-        decays = sum(epoch >= milestone for milestone in self.max_epochs_schedule)
-        return warmup * self.gamma ** decays
-
-    def steps_per_epoch(self) -> int:
-        # Known once the train dataloader is set up, i.e. before the first scheduler step needs it; asking
-        # earlier (trainer.estimated_stepping_batches in configure_optimizers) would build the dataloader
-        # before a checkpoint's mid-epoch position is restored.
-        if self._steps_per_epoch is None:
-            batches = self.trainer.num_training_batches
-            if not math.isfinite(batches) or batches <= 0:
-                return 1 << 62  # unknown epoch length: no epoch-based decay yet
-            self._steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-        return self._steps_per_epoch
-
     def attached_trainer(self) -> pl.Trainer | None:
         """The trainer running this module, or None (the module is used on its own, e.g. in a notebook)."""
         try:
@@ -335,11 +317,11 @@ class DetectionModule(pl.LightningModule):
         trainer = self.attached_trainer()
         ckpt_path = self.resume_ckpt_path or (trainer.ckpt_path if trainer is not None else None)
         if ckpt_path:
-            rank_zero_print(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
+            rank_zero_info(f"load_from {self.load_from} skipped: the weights come from ckpt_path {ckpt_path}")
             return
         self.load_report = load_weights(self.detector, self.load_from, self.load_from_format,
                                         allow_new_classes=stage == "fit")
-        rank_zero_print(self.load_report.format(f"load_from {self.load_from}"))
+        rank_zero_info(self.load_report.format(f"load_from {self.load_from}"))
 
     def configure_optimizers(self) -> dict[str, Any] | tuple[list, list]:
         if self.param_group_rules or self.norm_decay_mult is not None or self.bias_decay_mult is not None:
@@ -359,19 +341,19 @@ class DetectionModule(pl.LightningModule):
             group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
             if "weight_decay" in group:
                 group["weight_decay"] = group["weight_decay"] * group.get("decay_mult", 1.0)
-        if self.lr_scheduler_factory is None:
-            # One LambdaLR stepped per optimiser step gives both mmdet schedulers: the iteration-based
-            # LinearLR warm-up and the epoch-based MultiStepLR (the epoch is derived from the step).
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        # mmdet 3.x's pair: LinearLR by iteration, then the configured scheduler; both are chainable (each multiplies
-        # the current lr), so their factors compose.
+        # mmdet 3.x's pair: LinearLR by iteration, then MultiStepLR by epoch (or the configured scheduler); both are
+        # chainable (each multiplies the current lr), so their factors compose, also when the warm-up crosses an epoch.
+        # The warm-up reaches the full lr at step warmup_iters, as mmdet 2.x's (3.x's LinearLR(end=500) at step 499).
         schedulers = []
         if self.warmup_iters > 0:
             warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=self.warmup_ratio, end_factor=1.0,
                                                        total_iters=self.warmup_iters)
             schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
-        schedulers.append({"scheduler": self.lr_scheduler_factory(optimizer), "interval": self.scheduler_interval})
+        if self.lr_scheduler_factory is None:
+            decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.max_epochs_schedule, self.gamma)
+            schedulers.append({"scheduler": decay, "interval": "epoch"})
+        else:
+            schedulers.append({"scheduler": self.lr_scheduler_factory(optimizer), "interval": self.scheduler_interval})
         return [optimizer], schedulers
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -397,7 +379,7 @@ class DetectionModule(pl.LightningModule):
             # detectron2's habit: a test run leaves its COCO results next to its logs
             prefix = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "results.test")
         if ann_file is None and (prefix is None or cat_ids is None):
-            rank_zero_warn_once(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
+            _warning_cache.warn(f"no {stage}_ann_file on the datamodule: {stage} metrics are not computed")
             return None
         evaluator = CocoEvaluator(None if ann_file is None else str(ann_file),
                                   None if cat_ids is None else list(cat_ids), iou_types=self.default_iou_types(),
@@ -424,9 +406,9 @@ class DetectionModule(pl.LightningModule):
         self.written_results = list(self._evaluator.written_files)
         self._evaluator.reset()
         if self.written_results and stage == "test":
-            rank_zero_print("COCO results written: " + ", ".join(self.written_results))
+            rank_zero_info("COCO results written: " + ", ".join(self.written_results))
         if self._evaluator.classwise_table and stage == "test":
-            rank_zero_print("per-category AP (test):\n" + self._evaluator.classwise_table)
+            rank_zero_info("per-category AP (test):\n" + self._evaluator.classwise_table)
         if metrics:
             # compute() already gathered every rank's images, so all ranks hold the same numbers; the "max"
             # reduction keeps them bit-exact (a mean could round) and tells Lightning they are synchronised.
@@ -488,17 +470,4 @@ class DetectionModule(pl.LightningModule):
             self._images_logged += 1
 
 
-@rank_zero_only
-def rank_zero_print(message: str) -> None:
-    print(message, flush=True)
-
-
-_warned: set[str] = set()
-
-
-def rank_zero_warn_once(message: str) -> None:
-    from pytorch_lightning.utilities import rank_zero_warn
-
-    if message not in _warned:
-        _warned.add(message)
-        rank_zero_warn(message)
+_warning_cache = WarningCache()  # a missing annotation file is said once per process, not once per stage run

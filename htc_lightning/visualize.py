@@ -1,4 +1,4 @@
-"""Draw detections (masks, boxes, class names and scores) on an image with PIL."""
+"""Draw detections (masks, boxes, class names and scores) on an image with torchvision.utils."""
 from __future__ import annotations
 
 import colorsys
@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .structures import Detections, ImageMeta
 
@@ -45,32 +47,38 @@ def draw_detections(image: Image.Image | np.ndarray, det: Detections, class_name
                     show_scores: bool = True) -> Image.Image:
     """A copy of ``image`` with every detection scoring at least ``score_thr`` drawn on it.
 
-    Masks are blended in the class colour, boxes outlined, and ``"<class name> <score>"`` written at the
-    box's top-left corner. ``det`` must be in the image's frame (``Detections`` are in the original frame).
+    Masks are blended in the class colour (where masks overlap, the smallest one's), boxes outlined, and
+    ``"<class name> <score>"`` written on the class colour inside the box's top-left corner (torchvision's
+    ``draw_segmentation_masks`` / ``draw_bounding_boxes``).
+    ``det`` must be in the image's frame (``Detections`` are in the original frame).
     """
     pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    canvas = np.asarray(pil.convert("RGB"), dtype=np.float32).copy()
-    keep = (det.scores >= score_thr).nonzero().flatten().tolist()
+    canvas = pil_to_tensor(pil.convert("RGB"))
+    scores = det.scores.detach().cpu()
+    keep = (scores >= score_thr).nonzero().flatten()
+    if len(keep) == 0:  # torchvision warns on an empty list
+        return to_pil_image(canvas)
+    # largest first, so that a small object in front of a large one stays visible (detectron2's order)
+    boxes = det.boxes[keep].detach().cpu().float()
+    area = (det.masks[keep].flatten(1).sum(1).cpu() if det.masks is not None
+            else (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    order = area.float().argsort(descending=True, stable=True)
+    keep, boxes = keep[order], boxes[order]
+    labels = det.labels[keep].tolist()
+    colors = [label_color(label) for label in labels]
     if det.masks is not None:
-        for i in keep:
-            mask = det.masks[i].detach().cpu().numpy().astype(bool)
-            if mask.shape != canvas.shape[:2]:
-                raise ValueError(f"detection {i}: mask {mask.shape} does not match the image "
-                                 f"{canvas.shape[:2]}; pass an image in the detections' (original) frame")
-            color = np.array(label_color(int(det.labels[i])), dtype=np.float32)
-            canvas[mask] = (1 - mask_alpha) * canvas[mask] + mask_alpha * color
-    out = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    for i in keep:
-        label = int(det.labels[i])
-        color = label_color(label)
-        x0, y0, x1, y1 = (float(v) for v in det.boxes[i].tolist())
-        draw.rectangle([x0, y0, x1, y1], outline=color, width=line_width)
-        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-        text = f"{name} {float(det.scores[i]):.2f}" if show_scores else name
-        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-        ty = max(0.0, y0 - (bottom - top) - 2)
-        draw.rectangle([x0, ty, x0 + (right - left) + 2, ty + (bottom - top) + 2], fill=color)
-        draw.text((x0 + 1, ty), text, fill=(0, 0, 0), font=font)
-    return out
+        masks = det.masks[keep].detach().cpu().bool()
+        if masks.shape[-2:] != canvas.shape[-2:]:
+            raise ValueError(f"the detections' mask size {tuple(masks.shape[-2:])} does not match the image "
+                             f"{tuple(canvas.shape[-2:])}; pass an image in the detections' (original) frame")
+        # torchvision paints a pixel under several masks black; here it shows the last (smallest) mask on it
+        owner = torch.full(masks.shape[-2:], -1)
+        for i, mask in enumerate(masks):
+            owner[mask] = i
+        canvas = draw_segmentation_masks(canvas, owner == torch.arange(len(masks)).view(-1, 1, 1), alpha=mask_alpha,
+                                         colors=colors)
+    names = [class_names[label] if class_names is not None and label < len(class_names) else str(label)
+             for label in labels]
+    texts = [f"{name} {score:.2f}" for name, score in zip(names, scores[keep].tolist())] if show_scores else names
+    canvas = draw_bounding_boxes(canvas, boxes, labels=texts, colors=colors, width=line_width, fill_labels=True)
+    return to_pil_image(canvas)

@@ -3,7 +3,14 @@ import pytest
 import torch
 from torchvision.ops import masks_to_boxes
 
-from htc_lightning.data.transforms import DetectionCollate, DetectionTransform, rescale_size, sample_train_scale
+from htc_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetectionCollate,
+    DetectionTransform,
+    rescale_size,
+    sample_train_scale,
+)
 
 
 def _sample(height=60, width=90):
@@ -83,6 +90,14 @@ def test_images_are_normalised_with_mean_and_std():
     out, _ = DetectionTransform([(10, 10)], mean=(100.0, 50.0, 0.0), std=(1.0, 10.0, 50.0))(image, {"meta": {}})
     assert out.dtype == torch.float32
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([0.0, 5.0, 2.0]))
+
+
+def test_normalisation_is_bit_equal_to_mmengines_division_at_every_grey_level():
+    # mmengine's data preprocessor computes (x - mean) / std in float32; x * (1 / std) differs by 1 ulp at 28 %
+    image = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256).contiguous()
+    out, _ = DetectionTransform([(256, 1)], flip_prob=0.0)(image, {"meta": {}})
+    expected = (image.float() - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(out, expected)
 
 
 def test_collate_pads_to_the_divisor_with_the_right_fill():

@@ -52,6 +52,28 @@ def test_smooth_l1_empty_target_is_zero():
     assert smooth_l1_loss(pred, torch.zeros(0, 4)).item() == 0.0
 
 
+def _mmdet_smooth_l1(pred, target, beta):
+    diff = torch.abs(pred - target)  # mmdet/models/losses/smooth_l1_loss.py, by hand
+    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [1.0, 1 / 9, 0.11, 3.0, 1e-6, 1e3])
+def test_smooth_l1_and_l1_are_bit_equal_to_mmdets_formula(dtype, beta):
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(2, 5000, 4, generator=g, dtype=dtype) * 2).unbind()
+    b = torch.tensor(beta, dtype=dtype).item()
+    pred[:5, 0], target[:5, 0] = torch.tensor([b, -b, 0.0, 1e-30, 1e30], dtype=dtype), 0  # |d| = beta, 0, tiny, huge
+    weight = (torch.rand(5000, 4, generator=g) > 0.3).to(dtype)
+    assert torch.equal(F.smooth_l1_loss(pred, target, reduction="none", beta=beta),
+                       _mmdet_smooth_l1(pred, target, beta))
+    expected = (_mmdet_smooth_l1(pred, target, beta) * weight).sum() / (7.0 + EPS)
+    assert torch.equal(smooth_l1_loss(pred, target, beta, weight, avg_factor=7.0), expected)
+    assert torch.equal(smooth_l1_loss(pred, target, beta), _mmdet_smooth_l1(pred, target, beta).mean())
+    assert torch.equal(l1_loss(pred, target, weight, avg_factor=7.0),
+                       ((pred - target).abs() * weight).sum() / (7.0 + EPS))
+
+
 @pytest.mark.parametrize("loss_fn", [smooth_l1_loss, l1_loss])
 def test_box_loss_without_targets_is_a_zero_connected_to_the_predictions(loss_fn):
     pred = torch.ones(2, 4, requires_grad=True)  # predictions for boxes whose targets were all filtered out

@@ -2,6 +2,7 @@
 sized by the class count are re-initialised for a dataset with other classes and reported."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def _config(tmp_path: Path, coco_root: Path) -> str:
     return str(path)
 
 
-def test_fit_loads_an_mmdet_checkpoint_and_reinitialises_the_class_layers(tmp_path, coco_root, zoo_file, capsys):
+def test_fit_loads_an_mmdet_checkpoint_and_reinitialises_the_class_layers(tmp_path, coco_root, zoo_file, caplog):
+    caplog.set_level(logging.INFO)  # the report is Lightning's rank-zero info log
     path, state_dict = zoo_file
     cli = HTCLightningCLI(args=["fit", "--config", _config(tmp_path, coco_root),
                                 "--model.init_args.load_from", str(path)])
@@ -56,7 +58,7 @@ def test_fit_loads_an_mmdet_checkpoint_and_reinitialises_the_class_layers(tmp_pa
     report = cli.model.load_report
     assert cli.trainer.global_step == 1
     assert set(report.reinitialised) == CLASS_LAYERS and not report.mismatched
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert f"re-initialised for {num_classes} classes (checkpoint: 80): " in printed
     assert all(key in printed for key in CLASS_LAYERS)
     theirs = convert_mmdet_state_dict(state_dict)
@@ -74,11 +76,12 @@ def test_evaluating_a_checkpoint_with_another_class_count_is_an_error(tmp_path, 
                               "--model.init_args.load_from", str(path)])
 
 
-def test_a_resumed_runs_ckpt_path_wins_over_load_from(tmp_path, coco_root, zoo_file, capsys):
+def test_a_resumed_runs_ckpt_path_wins_over_load_from(tmp_path, coco_root, zoo_file, caplog):
+    caplog.set_level(logging.INFO)
     path, _ = zoo_file
     config = _config(tmp_path, coco_root)
     HTCLightningCLI(args=["fit", "--config", config, "--model.init_args.load_from", str(path)])
     resumed = HTCLightningCLI(args=["fit", "--config", config, "--model.init_args.load_from", str(path),
                                     "--trainer.max_steps", "2", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 2 and resumed.model.load_report is None
-    assert "skipped: the weights come from ckpt_path" in capsys.readouterr().out
+    assert "skipped: the weights come from ckpt_path" in caplog.text

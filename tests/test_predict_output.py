@@ -57,18 +57,30 @@ def test_predict_draws_one_png_per_image_when_asked(tmp_path):
 
 
 def test_draw_detections_tints_masks_outlines_boxes_and_skips_low_scores():
-    image = Image.new("RGB", (40, 30))
-    masks = torch.zeros(2, 30, 40, dtype=torch.bool)
-    masks[0, 10:20, 10:20] = True
-    masks[1, 25:30, 30:40] = True
-    det = Detections(torch.tensor([[8.0, 8.0, 22.0, 22.0], [30.0, 25.0, 39.0, 29.0]]), torch.tensor([0.9, 0.1]),
+    image = Image.new("RGB", (80, 60))
+    masks = torch.zeros(2, 60, 80, dtype=torch.bool)
+    masks[0, 10:40, 10:40] = True
+    masks[1, 50:60, 60:80] = True
+    det = Detections(torch.tensor([[8.0, 8.0, 42.0, 42.0], [60.0, 50.0, 79.0, 59.0]]), torch.tensor([0.9, 0.1]),
                      torch.tensor([1, 0]), masks)
     drawn = np.asarray(draw_detections(image, det, class_names=["a", "b"], score_thr=0.5, mask_alpha=0.5))
     expected = (np.array(label_color(1)) * 0.5).round()
-    np.testing.assert_allclose(drawn[15, 15], expected, atol=1)  # inside mask 0: half the class colour
-    assert tuple(drawn[21, 15]) == label_color(1)  # box outline (bottom edge, 2 px wide)
-    assert drawn[27, 35].sum() == 0  # the 0.1-score detection is not drawn
-    assert drawn[27, 2].sum() == 0  # background untouched
+    np.testing.assert_allclose(drawn[35, 35], expected, atol=1)  # inside mask 0, below its label: half the colour
+    assert tuple(drawn[41, 25]) == label_color(1)  # box outline (bottom edge, 2 px wide)
+    assert tuple(drawn[12, 10]) == label_color(1)  # the label's background, inside the box's top-left corner
+    assert drawn[55, 70].sum() == 0  # the 0.1-score detection is not drawn
+    assert drawn[55, 2].sum() == 0  # background untouched
+
+
+def test_where_masks_overlap_the_smaller_one_is_drawn_on_top_not_black():
+    masks = torch.zeros(2, 60, 80, dtype=torch.bool)
+    masks[0, 30:50, 40:60] = True  # a small object in front of a large one, less confident than it
+    masks[1, 5:55, 5:75] = True
+    det = Detections(torch.tensor([[40.0, 30.0, 60.0, 50.0], [5.0, 5.0, 75.0, 55.0]]), torch.tensor([0.6, 0.8]),
+                     torch.tensor([1, 2]), masks)
+    drawn = np.asarray(draw_detections(Image.new("RGB", (80, 60), (100, 100, 100)), det, mask_alpha=0.5))
+    for (y, x), label in (((45, 55), 1), ((52, 10), 2)):
+        np.testing.assert_allclose(drawn[y, x], (50 + np.array(label_color(label)) * 0.5).round(), atol=1)
 
 
 def test_draw_detections_rejects_masks_in_another_frame():

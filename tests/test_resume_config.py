@@ -69,7 +69,8 @@ def test_fit_resume_applies_a_new_lr_and_weight_decay_to_the_restored_optimiser_
     assert group["initial_lr"] == pytest.approx(module.scaled_lr()) and group["weight_decay"] == 0.001
     assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(module.scaled_lr())]
     # after the 2 resumed steps the lr is the new base at step 4 of the (warm-up) schedule
-    assert group["lr"] == pytest.approx(module.scaled_lr() * module.lr_factor(4))
+    warmup = 1 - (1 - module.warmup_ratio) * (1 - 4 / module.warmup_iters)  # mmdet's linear warm-up, step 4
+    assert group["lr"] == pytest.approx(module.scaled_lr() * warmup)
     assert group["momentum"] == 0.9 and optimizer.state  # the momentum buffers came back
 
 
@@ -94,3 +95,20 @@ def test_test_with_ckpt_path_still_takes_the_detector_from_the_checkpoint(tmp_pa
     path.write_text(yaml.safe_dump(config))
     tested = HTCLightningCLI(args=["test", "--config", str(path), "--ckpt_path", str(ckpt)])
     assert type(tested.model.detector.roi_head) is FakeRoIHead
+
+
+def test_fit_resume_from_a_checkpoint_with_the_old_lambdalr_schedule_fails_pointing_to_load_from(tmp_path):
+    # before issue 27 the default schedule was one LambdaLR per step; Lightning would load its state into the
+    # warm-up and restart the epoch decay at 0
+    config, ckpt = trained(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.00125)
+    old = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.001 + 0.999 * step / 500)
+    old.step(), old.step()
+    state["lr_schedulers"] = [old.state_dict()]
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointMismatchError, match=r"lr schedule of an older htc-lightning \(one LambdaLR.*"
+                                                      rf"--model\.init_args\.load_from {ckpt}"):
+        resume(tmp_path, config, ckpt)
+    tested = HTCLightningCLI(args=["test", "--config", str(tmp_path / "resume.yaml"), "--ckpt_path", str(ckpt)])
+    assert tested.trainer.state.finished  # test and predict never restore a schedule

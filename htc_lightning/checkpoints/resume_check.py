@@ -72,6 +72,14 @@ def check_resume(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], mode
     checkpoint's, whose values the run uses. True when optimiser settings changed (see
     :func:`apply_configured_optimiser`)."""
     source = f"--ckpt_path {ckpt_path}" if ckpt_path else "the checkpoint"
+    if fitting and hparams.get("lr_scheduler") is None and any(
+            "lr_lambdas" in state for state in checkpoint.get("lr_schedulers") or ()):
+        # Lightning would load the one LambdaLR state into the warm-up and leave the decay at epoch 0, silently
+        raise CheckpointMismatchError(
+            f"{source}: the checkpoint holds the lr schedule of an older htc-lightning (one LambdaLR stepped per "
+            "step), which cannot continue as today's per-step LinearLR warm-up and per-epoch MultiStepLR decay. "
+            f"Start a new run from its weights with --model.init_args.load_from {ckpt_path or 'FILE'} (the schedule "
+            "restarts at step 0), or resume it with the htc-lightning version that wrote it.")
     changes = config_changes(dict(checkpoint.get("hyper_parameters") or {}), dict(hparams))
     problems = state_dict_mismatch(checkpoint.get("state_dict") or {}, model_state) if strict else []
     if problems:

@@ -67,8 +67,6 @@ class DetectionTransform:
         self.flip_prob = flip_prob
         self.mean = list(mean)
         self.std = list(std)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         # mmcv resizes with cv2's bilinear, which does not low-pass filter when shrinking.
         self.antialias = antialias
 
@@ -102,8 +100,9 @@ class DetectionTransform:
         meta: ImageMeta = dict(target.get("meta", {}))
         meta.update(img_size=(new_h, new_w), scale_factor=(new_w / width, new_h / height), flip=flip)
         result["meta"] = meta
-        # In place on a contiguous copy: ~4x faster than F.normalize on the channels-last resize output.
-        pixels = out["image"].contiguous().float().sub_(self._mean).mul_(self._inv_std)
+        # (x - mean) / std, dividing as mmengine's data preprocessor does (x * (1 / std) differs by 1 ulp on
+        # a quarter of the pixels); in place on a contiguous float copy: the channels-last resize output is slow.
+        pixels = F.normalize(out["image"].contiguous().float(), self.mean, self.std, inplace=True)
         return pixels, result
 
 

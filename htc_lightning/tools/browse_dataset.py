@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, SEMANTIC_IGNORE
 from ..structures import Detections
@@ -50,24 +51,24 @@ def draw_target(image: Image.Image, target: dict, class_names: list[str]) -> Ima
         masks = masks[:, :image.height, :image.width].bool()
     objects = Detections(boxes, torch.ones(len(boxes)), labels, masks)
     drawn = draw_detections(image, objects, class_names=class_names, score_thr=0.0, show_scores=False)
-    draw = ImageDraw.Draw(drawn)
-    for x0, y0, x1, y1 in target.get("crowd_boxes", torch.zeros(0, 4)).tolist():
-        draw.rectangle([x0, y0, x1, y1], outline=GREY, width=2)
-        draw.text((x0 + 2, y0 + 1), "crowd", fill=GREY, font=ImageFont.load_default())
-    return drawn
+    crowd = target.get("crowd_boxes", torch.zeros(0, 4)).float()
+    if len(crowd) == 0:
+        return drawn
+    return to_pil_image(draw_bounding_boxes(pil_to_tensor(drawn), crowd, labels=["crowd"] * len(crowd), colors=GREY,
+                                            width=2))
 
 
 def _batch_picture(image: torch.Tensor, target: dict, mean, std) -> Image.Image:
     """A normalised batch image shown as the network sees it: padded, resized, flipped; semantic map overlaid."""
     pixels = image.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    array = pixels.clamp(0, 255).round().byte().permute(1, 2, 0).numpy().copy()
+    pixels = pixels.clamp(0, 255).round().byte()
     if "semantic" in target:
-        semantic = target["semantic"].numpy()
-        for value in np.unique(semantic):
-            if value != SEMANTIC_IGNORE:
-                where = semantic == value
-                array[where] = (0.6 * array[where] + 0.4 * np.array(label_color(int(value) + 91))).astype(np.uint8)
-    return Image.fromarray(array)
+        semantic = target["semantic"]
+        values = [v for v in semantic.unique().tolist() if v != SEMANTIC_IGNORE]
+        if values:
+            masks = semantic == torch.tensor(values).view(-1, 1, 1)
+            pixels = draw_segmentation_masks(pixels, masks, alpha=0.4, colors=[label_color(v + 91) for v in values])
+    return to_pil_image(pixels)
 
 
 def _title(picture: Image.Image, text: str) -> Image.Image:

@@ -49,8 +49,8 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Tens
         raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
     if (empty := _empty_regression("smooth_l1_loss", pred, target)) is not None:
         return empty
-    diff = (pred - target).abs()
-    loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    # mmdet's element loss, 0.5 * d**2 / beta below beta and d - 0.5 * beta above: bit-equal in float32
+    loss = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
     return _zero_if_no_weight(weight_reduce(loss, weight, avg_factor), pred, weight)
 
 
@@ -58,7 +58,8 @@ def l1_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
             avg_factor: float | Tensor | None = None) -> Tensor:
     if (empty := _empty_regression("l1_loss", pred, target)) is not None:
         return empty
-    return _zero_if_no_weight(weight_reduce((pred - target).abs(), weight, avg_factor), pred, weight)
+    return _zero_if_no_weight(weight_reduce(F.l1_loss(pred, target, reduction="none"), weight, avg_factor), pred,
+                              weight)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None = None, avg_factor: float | None = None,
