@@ -216,17 +216,6 @@ def test_data_scale_measures_set_up_workers_evaluation_and_throughput_before_and
     assert wall > 0 and cpu > 0
 
 
-@pytest.mark.slow
-def test_export_speed_times_onnxruntime_and_eager_in_one_table():
-    out = run("export_speed.py", "--config", "configs/tiny/htc_tiny_synthetic.yaml", "--height", "96", "--width", "128",
-              "--num-classes", "4", "--runs", "1", "--warmup", "0", "--threads", "1", "--formats", "onnx",
-              timeout=900)
-    rows = {r[0]: r for r in (table_rows(out, "eager (ours)") + table_rows(out, "onnxruntime CPU"))}
-    assert set(rows) == {"eager (ours)", "onnxruntime CPU"}
-    assert all(float(r[1]) > 0 for r in rows.values())
-    assert rows["eager (ours)"][3] == rows["onnxruntime CPU"][3] == "100"  # both keep max_per_img: the same work
-
-
 def test_parity_machines_prints_a_row_per_setting_and_a_cell_per_family():
     # one setting and the smallest dump keep it cheap (not marked reference: make test would run it thrice; the
     # parity it prints is what the reference tests check)
