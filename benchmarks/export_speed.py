@@ -10,6 +10,10 @@ measured in one run.
     python benchmarks/export_speed.py                      # HTC R-50 at 800x1333 (exports ONNX first, minutes)
     python benchmarks/export_speed.py --config configs/tiny/htc_tiny_synthetic.yaml --height 128 --width 160 \
         --num-classes 4 --runs 1 --warmup 0
+    python benchmarks/export_speed.py --exported DIR ...   # time files already written (DIR/model.onnx, .pt2)
+
+``--exported`` skips the export (minutes for R-50): the files must hold this script's detector (same
+``--config``, ``--num-classes``, seed 0); they are checked against eager inference on the image first.
 """
 import argparse
 import os
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--formats", nargs="+", default=["onnx", "torch.export"], choices=export.FORMATS)
     ap.add_argument("--out", default=None, help="folder for the exported files (default: a temporary one)")
+    ap.add_argument("--exported", default=None, help="time the model.onnx / model.pt2 in this folder instead "
+                                                      "of exporting (same --config, --num-classes, seed 0)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -76,17 +82,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     detector = build_detector(args.config, overrides).eval()
     images, meta = photo_input(args.height, args.width)
     img_size = torch.tensor([[args.height, args.width]])
-    out = Path(args.out or tempfile.mkdtemp(prefix="export_speed_"))
+    out = None if args.exported else Path(args.out or tempfile.mkdtemp(prefix="export_speed_"))
 
     rows = []
     with torch.no_grad():
         rows.append(("eager (ours)", *seconds_per_image(lambda: detector.predict(images, [meta])[0], args.runs,
                                                          args.warmup)))
     for fmt in args.formats:
-        start = time.perf_counter()
-        path = export.save(detector, fmt, out / fmt, (args.height, args.width))
-        print(f"exported {fmt} to {path} in {time.perf_counter() - start:.0f} s", flush=True)
-        runner = export.Runner(path, threads=args.threads)
+        if args.exported:
+            path = Path(args.exported) / export.FILE_NAMES[fmt]
+            runner = export.Runner(path, threads=args.threads)
+            checked = export.check(detector, runner, [(images, meta)])[0]
+            print(f"{path} vs eager: {checked}", flush=True)
+            if not checked.ok:
+                raise SystemExit(f"export_speed: {path} is not this detector ({args.config}, "
+                                 f"{args.num_classes} classes, seed 0): {checked}")
+        else:
+            start = time.perf_counter()
+            path = export.save(detector, fmt, out / fmt, (args.height, args.width))
+            print(f"exported {fmt} to {path} in {time.perf_counter() - start:.0f} s", flush=True)
+            runner = export.Runner(path, threads=args.threads)
         name = "onnxruntime CPU" if fmt == "onnx" else "torch.export program"
         rows.append((name, *seconds_per_image(lambda r=runner: export.finish(r(images, img_size), meta,
                                                                              detector.roi_head.mask_thr),

@@ -209,16 +209,6 @@ def test_data_scale_measures_set_up_workers_evaluation_and_throughput_before_and
     assert all(t["wall"] > 0 and t["cpu"] > 0 for t in result["throughput"])
 
 
-@pytest.mark.slow
-def test_export_speed_times_onnxruntime_and_eager_on_the_same_work():
-    config = str(ROOT / "configs" / "tiny" / "htc_tiny_synthetic.yaml")
-    rows = benchmark("export_speed").main(["--config", config, "--height", "96", "--width", "128", "--num-classes",
-                                           "4", "--runs", "1", "--warmup", "0", "--threads", "1", "--formats", "onnx"])
-    assert set(rows) == {"eager (ours)", "onnxruntime CPU"}
-    assert all(r["seconds"] > 0 for r in rows.values())
-    assert rows["eager (ours)"]["detections"] == rows["onnxruntime CPU"]["detections"] == 100  # max_per_img each
-
-
 def test_parity_machines_runs_the_parity_tool_per_setting_and_dump():
     # one setting and the smallest dump keep it cheap (not marked reference: make test would run it thrice; the
     # parity itself is what the reference tests check)
