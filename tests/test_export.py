@@ -44,9 +44,10 @@ def spread_location_logits(rpn) -> None:
     every location lies within 1e-4 of it, hundreds within 1e-5, a few within 1e-8, where onnxruntime's sigmoid
     and conv rounding decide the filter otherwise than ATen's (issue 29: one location flipped, 5.7e-9 below the
     threshold, gave a proposal eager has not and 5 unexplained detections). A trained location branch spreads its
-    logits; so does this seeded one (std 1, a quarter to 9/10 of the locations kept), and the test checks that no
-    location is within ``export.LOC_NEAR_TIE`` of the threshold (the nearest are 1.9e-7 away)."""
-    generator = torch.Generator().manual_seed(1)
+    logits; so does this seeded one (std 1: part of the locations kept, part dropped), and the test checks that no
+    location is within ``export.LOC_NEAR_TIE`` of the threshold (with this seed the nearest is 1.7e-4 away over the
+    photographs at the three sizes; seed 1 had one at 2.9e-8 once the model's initialisation order changed)."""
+    generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         rpn.conv_loc.weight.copy_(torch.randn(rpn.conv_loc.weight.shape, generator=generator))
         rpn.conv_loc.bias.fill_(math.log(rpn.loc_filter_thr / (1 - rpn.loc_filter_thr)) + 0.5)
